@@ -1,0 +1,170 @@
+"""`raw_media`: one landing batch, validated, content-addressed and catalogued."""
+
+import time
+
+import dagster as dg
+
+from mm_pipelines.defs.partitions import batch_partitions
+from mm_pipelines.defs.resources import (
+    CatalogResource,
+    ComputeResource,
+    LandingResource,
+    MediaStoreResource,
+)
+from mm_pipelines.media.ingest import IngestReport, ingest_batch
+from mm_pipelines.media.probe import Limits
+from mm_pipelines.media.thumbnails import markdown_gallery
+from mm_pipelines.storage import catalog
+from mm_pipelines.storage.media_store import MediaStore
+
+_DEFAULT_LIMITS = Limits()
+
+
+class RawMediaConfig(dg.Config):
+    tenant: str = "default"
+    max_bytes: int = _DEFAULT_LIMITS.max_bytes
+    max_pixels: int = _DEFAULT_LIMITS.max_pixels
+    max_video_pixels: int = _DEFAULT_LIMITS.max_video_pixels
+    max_duration_s: float = _DEFAULT_LIMITS.max_duration_s
+    max_text_bytes: int = _DEFAULT_LIMITS.max_text_bytes
+    silence_dbfs: float = _DEFAULT_LIMITS.silence_dbfs
+
+    def limits(self) -> Limits:
+        return Limits(
+            self.max_bytes,
+            self.max_pixels,
+            self.max_video_pixels,
+            self.max_duration_s,
+            self.max_text_bytes,
+            self.silence_dbfs,
+        )
+
+
+@dg.asset(
+    partitions_def=batch_partitions,
+    group_name="ingest",
+    kinds={"python", "postgres"},
+    retry_policy=dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL),
+    description="Validated, content-addressed media of one landing batch, one catalog row "
+    "per source file (ok, or quarantined with an error category).",
+)
+def raw_media(
+    context: dg.AssetExecutionContext,
+    config: RawMediaConfig,
+    catalog_db: CatalogResource,
+    media_store: MediaStoreResource,
+    landing: LandingResource,
+    compute: ComputeResource,
+) -> dg.MaterializeResult:
+    batch = context.partition_key
+    store = media_store.get_store()
+    last_log = [0.0]
+
+    def progress(done: int, total: int, nbytes: int) -> None:
+        if time.monotonic() - last_log[0] > 5 or done == total:
+            last_log[0] = time.monotonic()
+            context.log.info(f"{batch}: {done}/{total} files, {nbytes / 1e6:.1f} MB read")
+
+    report = ingest_batch(
+        landing.get_landing(),
+        batch,
+        store,
+        catalog_db.get_dsn(),
+        limits=config.limits(),
+        tenant=config.tenant,
+        workers=compute.io_workers,
+        progress=progress,
+    )
+    context.log.info(f"ingested batch {batch}: {report.summary()}")
+    return dg.MaterializeResult(metadata=_metadata(report, store))
+
+
+def _metadata(report: IngestReport, store: MediaStore) -> dict[str, object]:
+    summary = report.summary()
+    quarantined = [r for r in report.rows if r.status != "ok"]
+    table = "\n".join(
+        f"| `{r.source_uri.rsplit('/', 1)[-1]}` | {r.error_category} | {r.error_message} |"
+        for r in quarantined
+    )
+    images = [r for r in report.rows if r.status == "ok" and r.modality == "image"][:6]
+    gallery = markdown_gallery(
+        [
+            (r.caption or r.source_uri.rsplit("/", 1)[-1], store.read_bytes(r.content_hash))
+            for r in images
+        ]
+    )
+    return {
+        "files_seen": report.files_seen,
+        "ok": report.ok,
+        "quarantined": report.quarantined,
+        "duplicates": report.duplicates,
+        "dedup_ratio": dg.FloatMetadataValue(
+            round(report.unique_objects / report.ok, 3) if report.ok else 1.0
+        ),
+        "bytes": report.bytes_total,
+        "new_objects_stored": report.new_objects,
+        "unchanged_files_skipped": report.reused_rows,
+        "seconds": dg.FloatMetadataValue(summary["seconds"]),
+        "by_modality": dg.MetadataValue.json(summary["by_modality"]),
+        "quarantined_by_reason": dg.MetadataValue.json(summary["quarantined_by_reason"]),
+        "quarantined_files": dg.MetadataValue.md(
+            "| file | reason | message |\n|---|---|---|\n" + table if table else "none"
+        ),
+        "thumbnails": dg.MetadataValue.md(gallery or "no images"),
+    }
+
+
+class QuarantineRateConfig(dg.Config):
+    max_quarantine_rate: float = 0.25
+
+
+@dg.asset_check(
+    asset=raw_media,
+    partitions_def=batch_partitions,
+    description="The share of quarantined files in the batch is at most the threshold.",
+)
+def quarantine_rate(
+    context: dg.AssetCheckExecutionContext,
+    config: QuarantineRateConfig,
+    catalog_db: CatalogResource,
+) -> dg.AssetCheckResult:
+    with catalog_db.connect() as conn:
+        rows = catalog.batch_catalog(conn, context.partition_key)
+    bad = sum(r["status"] != "ok" for r in rows)
+    rate = bad / len(rows) if rows else 0.0
+    return dg.AssetCheckResult(
+        passed=rate <= config.max_quarantine_rate,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "quarantine_rate": round(rate, 4),
+            "files": len(rows),
+            "quarantined": bad,
+            "threshold": config.max_quarantine_rate,
+        },
+    )
+
+
+@dg.asset_check(
+    asset=raw_media,
+    partitions_def=batch_partitions,
+    blocking=True,
+    description="Every ok row's object exists in the media store and hashes to its key.",
+)
+def objects_intact(
+    context: dg.AssetCheckExecutionContext,
+    catalog_db: CatalogResource,
+    media_store: MediaStoreResource,
+) -> dg.AssetCheckResult:
+    store = media_store.get_store()
+    with catalog_db.connect() as conn:
+        objects = catalog.ok_objects(conn, context.partition_key)
+    problems = {h: reason for h, _, _ in objects if (reason := store.verify(h))}
+    return dg.AssetCheckResult(
+        passed=not problems,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "objects_checked": len(objects),
+            "problems": len(problems),
+            "first_problems": dg.MetadataValue.json(dict(list(problems.items())[:20])),
+        },
+    )

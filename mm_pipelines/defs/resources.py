@@ -1,0 +1,176 @@
+"""Dagster resources: thin configuration shells over the storage and ML layers.
+
+`build_resources()` reads the environment once at load time, so every deployment is
+configured by environment variables and runs offline on embedded defaults when none is set.
+"""
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import dagster as dg
+import psycopg
+from dagster_aws.s3 import S3Resource
+from pydantic import Field
+
+from mm_pipelines import settings
+from mm_pipelines.storage.landing import Landing, LocalLanding, S3Landing
+from mm_pipelines.storage.media_store import LocalMediaStore, MediaStore, S3MediaStore
+from mm_pipelines.storage.postgres import connect, embedded_dsn, ensure_schema
+
+
+class CatalogResource(dg.ConfigurableResource):
+    """The catalog database: `dsn` (MM_PG_DSN), else the embedded Postgres in `embedded_dir`."""
+
+    dsn: str | None = Field(default=None, description="libpq DSN of a Postgres with pgvector")
+    embedded_dir: str = Field(default="", description="data directory of the embedded server")
+
+    def get_dsn(self) -> str:
+        dsn = self.dsn or embedded_dsn(self.embedded_dir or settings.embedded_pg_dir())
+        ensure_schema(dsn)
+        return dsn
+
+    @contextmanager
+    def connect(self) -> Iterator[psycopg.Connection]:
+        with connect(self.get_dsn()) as conn:
+            yield conn
+
+
+def _split_s3_uri(uri: str) -> tuple[str, str]:
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    return bucket, prefix
+
+
+class MediaStoreResource(dg.ConfigurableResource):
+    """Content-addressed media: a local folder, or S3 through dagster-aws when a bucket is set."""
+
+    local_dir: str = ""
+    s3_bucket: str | None = None
+    s3_prefix: str = "media"
+    s3: S3Resource
+
+    def get_store(self) -> MediaStore:
+        if self.s3_bucket:
+            cache = os.path.join(settings.mm_home(), "cache", "media")
+            return S3MediaStore(self.s3.get_client(), self.s3_bucket, self.s3_prefix, cache)
+        return LocalMediaStore(self.local_dir or settings.media_dir())
+
+
+class LandingResource(dg.ConfigurableResource):
+    """Where new batches land: a local folder of batch folders or `s3://bucket/prefix`."""
+
+    uri: str = ""
+    s3: S3Resource
+
+    def get_landing(self) -> Landing:
+        uri = self.uri or settings.landing_uri()
+        if uri.startswith("s3://"):
+            bucket, prefix = _split_s3_uri(uri)
+            return S3Landing(self.s3.get_client(), bucket, prefix)
+        return LocalLanding(uri)
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """Where and how models run. `device="auto"` picks CUDA when present."""
+
+    device: str = "auto"
+    precision: str = Field(default="auto", description="auto | fp32 | bf16 | fp16")
+    batch_size: int = 32
+    dataloader_workers: int = 2
+    io_workers: int = Field(default=4, description="threads for hashing/copying files")
+    gpus_per_step: int = Field(default=1, description="GPU request of a GPU step on k8s")
+
+    def torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def torch_dtype(self) -> Any:
+        import torch
+
+        on_cuda = self.torch_device().startswith("cuda")
+        choice = self.precision if self.precision != "auto" else ("bf16" if on_cuda else "fp32")
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+class MLflowResource(dg.ConfigurableResource):
+    """MLflow tracking: one MLflow run per asset partition materialization."""
+
+    tracking_uri: str = ""
+    artifact_root: str = ""
+    experiment: str = "mm_pipelines"
+    ui_url: str = Field(default="", description="base URL of the MLflow UI, for links")
+
+    def _client_setup(self) -> str:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri or settings.mlflow_tracking_uri())
+        existing = mlflow.get_experiment_by_name(self.experiment)
+        if existing is not None:
+            return existing.experiment_id
+        root = self.artifact_root or settings.mlflow_artifact_root()
+        try:
+            return mlflow.create_experiment(
+                self.experiment, artifact_location=f"{root}/{self.experiment}"
+            )
+        except mlflow.exceptions.MlflowException:  # created by a concurrent process
+            return mlflow.get_experiment_by_name(self.experiment).experiment_id
+
+    @contextmanager
+    def start_run(
+        self, context: dg.AssetExecutionContext, tags: dict[str, str] | None = None
+    ) -> Iterator[Any]:
+        """Open a run tagged with the Dagster run, asset and partition; always close it,
+        FINISHED on success and FAILED on error."""
+        import mlflow
+
+        experiment_id = self._client_setup()
+        asset = context.asset_key.to_user_string()
+        partition = context.partition_key if context.has_partition_key else None
+        run_tags = {"dagster.run_id": context.run_id, "dagster.asset_key": asset}
+        if partition is not None:
+            run_tags["dagster.partition"] = partition
+        name = f"{asset}[{partition}]" if partition else asset
+        run = mlflow.start_run(
+            experiment_id=experiment_id, run_name=name, tags={**run_tags, **(tags or {})}
+        )
+        try:
+            yield run
+        except BaseException:
+            mlflow.end_run(status="FAILED")
+            raise
+        mlflow.end_run(status="FINISHED")
+
+    def run_url(self, run: Any) -> str:
+        base = (self.ui_url or settings.env("MM_MLFLOW_UI", "http://127.0.0.1:5000")).rstrip("/")
+        return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
+def build_resources() -> dict[str, Any]:
+    s3 = S3Resource(
+        endpoint_url=settings.env("MM_S3_ENDPOINT_URL"),
+        region_name=settings.env("AWS_REGION", settings.env("AWS_DEFAULT_REGION", "us-east-1")),
+    )
+    return {
+        "catalog_db": CatalogResource(
+            dsn=settings.pg_dsn(), embedded_dir=settings.embedded_pg_dir()
+        ),
+        "media_store": MediaStoreResource(
+            local_dir=settings.media_dir(),
+            s3_bucket=settings.env("MM_S3_BUCKET"),
+            s3_prefix=settings.env("MM_S3_PREFIX", "media"),
+            s3=s3,
+        ),
+        "landing": LandingResource(uri=settings.landing_uri(), s3=s3),
+        "compute": ComputeResource(
+            device=settings.env("MM_DEVICE", "auto"),
+            precision=settings.env("MM_PRECISION", "auto"),
+        ),
+        "mlflow": MLflowResource(
+            tracking_uri=settings.mlflow_tracking_uri(),
+            artifact_root=settings.mlflow_artifact_root(),
+        ),
+    }

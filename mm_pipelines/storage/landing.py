@@ -1,0 +1,227 @@
+"""The landing area: a folder (local or an S3 prefix) of batch folders.
+
+A batch is complete when its `_READY` marker exists; files whose names start with `_` or
+`.` are control files (the marker, an optional `_manifest.jsonl`) and are not ingested.
+Listing refuses anything that would reach outside the batch (symlinks, `..`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+READY_MARKER = "_READY"
+MANIFEST = "_manifest.jsonl"
+BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class LandingFile:
+    batch: str
+    relpath: str  # POSIX path inside the batch
+    uri: str
+    size: int
+    fingerprint: str  # changes when the file changes: size+mtime locally, ETag on S3
+
+
+@dataclass(frozen=True)
+class RefusedPath:
+    batch: str
+    relpath: str
+    uri: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    caption: str | None = None
+    tenant: str | None = None
+
+
+def is_control_name(relpath: str) -> bool:
+    return any(part.startswith(("_", ".")) for part in PurePosixPath(relpath).parts)
+
+
+class Landing(ABC):
+    @abstractmethod
+    def ready_batches(self) -> list[str]: ...
+
+    @abstractmethod
+    def list_batch(self, batch: str) -> tuple[list[LandingFile], list[RefusedPath]]: ...
+
+    @abstractmethod
+    @contextmanager
+    def local_file(self, item: LandingFile) -> Iterator[Path]:
+        """A local path holding the file's bytes for as long as the context is open."""
+
+    @abstractmethod
+    def _read_control(self, batch: str, name: str) -> bytes | None: ...
+
+    def manifest(self, batch: str) -> dict[str, ManifestEntry]:
+        """Optional per-file captions and tenants: one JSON object per line with `path`."""
+        raw = self._read_control(batch, MANIFEST)
+        if raw is None:
+            return {}
+        entries: dict[str, ManifestEntry] = {}
+        for lineno, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                entries[str(row["path"])] = ManifestEntry(row.get("caption"), row.get("tenant"))
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{MANIFEST} of batch {batch!r}, line {lineno}: {err}") from err
+        return entries
+
+
+class LocalLanding(Landing):
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+
+    def ready_batches(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            d.name
+            for d in self.root.iterdir()
+            if d.is_dir() and BATCH_NAME.match(d.name) and (d / READY_MARKER).exists()
+        )
+
+    def batch_dir(self, batch: str) -> Path:
+        if not BATCH_NAME.match(batch):
+            raise ValueError(f"invalid batch name {batch!r}")
+        return self.root / batch
+
+    def list_batch(self, batch: str) -> tuple[list[LandingFile], list[RefusedPath]]:
+        base = self.batch_dir(batch)
+        if not base.is_dir():
+            raise FileNotFoundError(f"batch folder {base} does not exist")
+        real_base = base.resolve()
+        files: list[LandingFile] = []
+        refused: list[RefusedPath] = []
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
+            for name in sorted(filenames) + sorted(
+                d for d in dirnames if Path(dirpath, d).is_symlink()
+            ):
+                path = Path(dirpath, name)
+                rel = path.relative_to(base).as_posix()
+                if is_control_name(rel):
+                    continue
+                real = path.resolve()
+                if path.is_symlink() and not real.is_relative_to(real_base):
+                    refused.append(
+                        RefusedPath(
+                            batch,
+                            rel,
+                            path.as_uri(),
+                            f"symlink points outside the batch folder, to {real}",
+                        )
+                    )
+                    continue
+                if not real.is_file():
+                    refused.append(RefusedPath(batch, rel, path.as_uri(), "not a regular file"))
+                    continue
+                st = real.stat()
+                files.append(
+                    LandingFile(
+                        batch, rel, path.as_uri(), st.st_size, f"{st.st_size}:{st.st_mtime_ns}"
+                    )
+                )
+            dirnames[:] = sorted(d for d in dirnames if not Path(dirpath, d).is_symlink())
+        return files, refused
+
+    def resolve_inside(self, batch: str, relpath: str) -> Path:
+        """The path of `relpath` in the batch, refusing anything that escapes it."""
+        base = self.batch_dir(batch).resolve()
+        target = (base / relpath).resolve()
+        if not target.is_relative_to(base):
+            raise PermissionError(f"{relpath!r} resolves outside batch {batch!r}")
+        return target
+
+    @contextmanager
+    def local_file(self, item: LandingFile) -> Iterator[Path]:
+        yield self.resolve_inside(item.batch, item.relpath)
+
+    def _read_control(self, batch: str, name: str) -> bytes | None:
+        path = self.batch_dir(batch) / name
+        return path.read_bytes() if path.is_file() else None
+
+    def mark_ready(self, batch: str) -> None:
+        (self.batch_dir(batch) / READY_MARKER).touch()
+
+
+class S3Landing(Landing):
+    """Batches are prefixes `s3://bucket/prefix/<batch>/`, complete when `<batch>/_READY` exists."""
+
+    def __init__(self, client: Any, bucket: str, prefix: str = ""):
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+
+    def _key(self, *parts: str) -> str:
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def _pages(self, **kwargs: Any) -> Iterator[dict]:
+        yield from self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, **kwargs
+        )
+
+    def ready_batches(self) -> list[str]:
+        root = self._key() + "/" if self.prefix else ""
+        batches = []
+        for page in self._pages(Prefix=root, Delimiter="/"):
+            for common in page.get("CommonPrefixes", []):
+                name = common["Prefix"][len(root) :].rstrip("/")
+                if BATCH_NAME.match(name) and self._exists(self._key(name, READY_MARKER)):
+                    batches.append(name)
+        return sorted(batches)
+
+    def _exists(self, key: str) -> bool:
+        resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=1)
+        return any(obj["Key"] == key for obj in resp.get("Contents", []))
+
+    def list_batch(self, batch: str) -> tuple[list[LandingFile], list[RefusedPath]]:
+        if not BATCH_NAME.match(batch):
+            raise ValueError(f"invalid batch name {batch!r}")
+        base = self._key(batch) + "/"
+        files: list[LandingFile] = []
+        refused: list[RefusedPath] = []
+        for page in self._pages(Prefix=base):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(base) :]
+                if not rel or rel.endswith("/") or is_control_name(rel):
+                    continue
+                uri = f"s3://{self.bucket}/{obj['Key']}"
+                if ".." in PurePosixPath(rel).parts:
+                    refused.append(RefusedPath(batch, rel, uri, "key has a '..' segment"))
+                    continue
+                etag = str(obj.get("ETag", "")).strip('"')
+                files.append(
+                    LandingFile(batch, rel, uri, int(obj["Size"]), f"{obj['Size']}:{etag}")
+                )
+        return sorted(files, key=lambda f: f.relpath), refused
+
+    @contextmanager
+    def local_file(self, item: LandingFile) -> Iterator[Path]:
+        # a private temp name: the key's characters never reach the local file system
+        fd, tmp = tempfile.mkstemp(prefix="mm-landing-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                self.client.download_fileobj(self.bucket, self._key(item.batch, item.relpath), f)
+            yield Path(tmp)
+        finally:
+            os.unlink(tmp)
+
+    def _read_control(self, batch: str, name: str) -> bytes | None:
+        key = self._key(batch, name)
+        if not self._exists(key):
+            return None
+        return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()

@@ -1,0 +1,100 @@
+"""Shared fixtures for the diffusion/LoRA/metrics tests.
+
+Not named conftest.py on purpose (another module may own that file); test modules
+import the fixtures they use from here, which pytest then registers in that module.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from mm_pipelines.ml.diffusion_base import BaseTrainConfig, TinyDiffusionConfig, train_base_pipeline
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 60),
+    "blue": (40, 60, 220),
+    "yellow": (235, 215, 40),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "gray": (128, 128, 128),
+}
+SHAPES = ("circle", "square", "triangle")
+
+# The LoRA subject: a background colour the base model never sees.
+SUBJECT_BACKGROUND = (170, 40, 200)  # purple
+SUBJECT_PROMPT = "a photo of sks"
+
+RESOLUTION = 32
+# Kept small: the whole file must run in well under 4 minutes on 2 shared cores.
+BASE_TRAIN = BaseTrainConfig(vae_steps=250, unet_steps=500, batch_size=16, seed=0)
+
+
+def draw_shape(
+    shape: str,
+    colour: tuple[int, int, int],
+    background: tuple[int, int, int],
+    rng: random.Random,
+    size: int = RESOLUTION,
+) -> Image.Image:
+    """One filled shape with jittered position and size on a plain background."""
+    im = Image.new("RGB", (size, size), background)
+    d = ImageDraw.Draw(im)
+    r = rng.uniform(0.22, 0.34) * size
+    cx, cy = (rng.uniform(0.35, 0.65) * size for _ in range(2))
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        d.ellipse(box, fill=colour)
+    elif shape == "square":
+        d.rectangle(box, fill=colour)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    return im
+
+
+def shapes_dataset(n_per_combo: int = 2, seed: int = 0) -> tuple[list[Image.Image], list[str]]:
+    """colours x shapes x backgrounds, with captions."""
+    rng = random.Random(seed)
+    images, captions = [], []
+    for cname, colour in COLOURS.items():
+        for shape in SHAPES:
+            for bname, bg in BACKGROUNDS.items():
+                for _ in range(n_per_combo):
+                    images.append(draw_shape(shape, colour, bg, rng))
+                    captions.append(f"a {cname} {shape} on a {bname} background")
+    return images, captions
+
+
+def subject_images(n: int = 8, seed: int = 1) -> list[Image.Image]:
+    """The subject: assorted shapes on the purple background."""
+    rng = random.Random(seed)
+    colours = list(COLOURS.values())
+    return [
+        draw_shape(SHAPES[i % len(SHAPES)], colours[i % len(colours)], SUBJECT_BACKGROUND, rng)
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="session")
+def base_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny base pipeline, trained once per test session and saved to disk."""
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    images, captions = shapes_dataset()
+    out = tmp_path_factory.mktemp("base_pipeline")
+    result = train_base_pipeline(
+        images,
+        captions,
+        model_config=TinyDiffusionConfig(resolution=RESOLUTION),
+        train_config=BASE_TRAIN,
+        device="cpu",
+        output_dir=out,
+    )
+    assert result.unet_losses[-1] < result.unet_losses[0]
+    return out
