@@ -224,19 +224,28 @@ def _probe_audio(path: Path, mime: str, limits: Limits) -> Probe:
         duration = _duration(container, stream)
         if duration is not None and duration > limits.max_duration_s:
             raise Quarantine("too_long", f"{duration:.0f} s exceeds {limits.max_duration_s:.0f} s")
+        threshold = 10 ** (limits.silence_dbfs / 20)
         peak, samples = 0.0, 0
         try:
-            for frame in container.decode(stream):
-                data = frame.to_ndarray()
-                samples += frame.samples
-                if data.size:
-                    peak = max(peak, float(np.abs(_as_float(data)).max()))
+            packets = container.demux(stream)
+            # decode only until the sound is proven audible; demux the rest (no decoding)
+            # so that a cut-off or damaged container still surfaces as an error
+            for packet in packets:
+                for frame in packet.decode():
+                    samples += frame.samples
+                    data = frame.to_ndarray()
+                    if data.size:
+                        peak = max(peak, float(np.abs(_as_float(data)).max()))
+                if peak > threshold:
+                    break
+            for _ in packets:
+                pass
         except av.error.FFmpegError as err:
             raise Quarantine("undecodable", f"audio stream does not decode: {err}") from err
         if samples == 0:
             raise Quarantine("undecodable", "the audio stream has no decodable samples")
         decoded_s = samples / (stream.rate or stream.codec_context.sample_rate or 1)
-        if peak <= 10 ** (limits.silence_dbfs / 20):
+        if peak <= threshold:
             raise Quarantine(
                 "silent_audio",
                 f"{decoded_s:.1f} s of audio whose peak never reaches {limits.silence_dbfs} dBFS",
