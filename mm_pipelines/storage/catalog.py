@@ -88,3 +88,17 @@ def ok_objects(conn: psycopg.Connection, batch: str) -> list[tuple[str, str, int
         "ORDER BY 1",
         (batch,),
     ).fetchall()
+
+
+def batch_media(
+    conn: psycopg.Connection, batch: str, modalities: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Distinct ok objects of the batch with the given modalities, with their probe facts."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT DISTINCT ON (o.content_hash) o.*, s.caption, s.tenant FROM media_sources s "
+            "JOIN media_objects o USING (content_hash) WHERE s.batch = %s AND s.status = 'ok' "
+            "AND o.modality = ANY(%s) ORDER BY o.content_hash, s.source_uri",
+            (batch, list(modalities)),
+        )
+        return cur.fetchall()
