@@ -1,0 +1,163 @@
+"""pgvector load and query: binary COPY vs row-by-row executemany, HNSW vs exact scan,
+and a 10% tenant filter with and without iterative index scans.
+
+Run: .venv/bin/python benchmarks/bench_index.py [--n 100000 --dim 512 --queries 50]
+Prints one JSON object. Everything runs in one process against one embedded Postgres.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import pgserver
+import psycopg
+from pgvector.psycopg import register_vector
+
+from mm_pipelines.storage import vectors
+from mm_pipelines.storage.postgres import ensure_schema
+from mm_pipelines.storage.vectors import Filters, VectorRow
+
+
+def make_rows(x: np.ndarray, batch: str) -> list[VectorRow]:
+    return [
+        VectorRow(
+            batch,
+            f"tenant{i % 10}",
+            "image",
+            "image",
+            f"h{i}",
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            "bench-encoder",
+            "bench-projector",
+            x[i],
+        )
+        for i in range(len(x))
+    ]
+
+
+def executemany_load(conn: psycopg.Connection, rows: list[VectorRow]) -> None:
+    cols = ", ".join(vectors.COLUMNS)
+    marks = ", ".join(["%s"] * len(vectors.COLUMNS))
+    with conn.transaction(), conn.cursor() as cur:
+        cur.executemany(
+            f"INSERT INTO unified_vectors ({cols}) VALUES ({marks})", [r.values() for r in rows]
+        )
+
+
+def latencies(conn, queries, filters, **kwargs) -> tuple[float, float]:
+    times = []
+    for q in queries:
+        t = time.perf_counter()
+        vectors.search(conn, q, 10, filters, **kwargs)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000, float(np.percentile(times, 99) * 1000)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument(
+        "--executemany-n",
+        type=int,
+        default=10_000,
+        help="row-by-row is timed on this many rows and scaled per row",
+    )
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    # clustered data, like real embeddings, so that nearest neighbours are meaningful
+    centers = rng.normal(size=(200, args.dim)).astype(np.float32)
+    x = centers[rng.integers(0, 200, args.n)] + 0.5 * rng.normal(size=(args.n, args.dim)).astype(
+        np.float32
+    )
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    queries = x[rng.choice(args.n, args.queries, replace=False)] + 0.05 * rng.normal(
+        size=(args.queries, args.dim)
+    ).astype(np.float32)
+    rows = make_rows(x, "bench")
+
+    with tempfile.TemporaryDirectory(prefix="mm-bench-idx-") as tmp:
+        server = pgserver.get_server(f"{tmp}/pg", cleanup_mode="delete")
+        dsn = server.get_uri()
+        ensure_schema(dsn)
+        with psycopg.connect(dsn) as conn:
+            register_vector(conn)
+            small = rows[: args.executemany_n]
+            t = time.perf_counter()
+            executemany_load(conn, small)
+            executemany_s = (time.perf_counter() - t) * args.n / len(small)
+            conn.execute("TRUNCATE unified_vectors")
+            conn.commit()
+            t = time.perf_counter()
+            with conn.transaction():
+                vectors.copy_rows(conn, rows)
+            copy_s = time.perf_counter() - t
+            t = time.perf_counter()
+            vectors.ensure_index(conn, args.dim)
+            index_s = time.perf_counter() - t
+            conn.execute("ANALYZE unified_vectors")
+            conn.commit()
+
+            exact_p50, exact_p99 = latencies(conn, queries, None, exact=True)
+            hnsw_p50, hnsw_p99 = latencies(conn, queries, None)
+            recall = vectors.recall_at_k(conn, queries, 10)
+            tenant = Filters(tenant="tenant3")
+            filt_iter = vectors.recall_at_k(conn, queries, 10, tenant, iterative=True)
+            filt_plain = vectors.recall_at_k(conn, queries, 10, tenant, iterative=False)
+            fi_p50, _ = latencies(conn, queries, tenant, iterative=True)
+            fe_p50, _ = latencies(conn, queries, tenant, exact=True)
+        server.cleanup()
+
+    print(
+        json.dumps(
+            {
+                "benchmark": "vector_index",
+                "n": args.n,
+                "dim": args.dim,
+                "queries": args.queries,
+                "load": {
+                    "binary_copy_s": round(copy_s, 2),
+                    "executemany_s_scaled": round(executemany_s, 2),
+                    "executemany_measured_rows": args.executemany_n,
+                    "ratio_copy_speedup": round(executemany_s / copy_s, 1),
+                    "hnsw_build_s": round(index_s, 1),
+                },
+                "query": {
+                    "exact_p50_ms": round(exact_p50, 2),
+                    "exact_p99_ms": round(exact_p99, 2),
+                    "hnsw_p50_ms": round(hnsw_p50, 2),
+                    "hnsw_p99_ms": round(hnsw_p99, 2),
+                    "ratio_hnsw_vs_exact_latency": round(hnsw_p50 / exact_p50, 3),
+                    "recall_at_10": round(recall, 4),
+                },
+                "tenant_filter_10pct": {
+                    "recall_at_10_iterative": round(filt_iter, 4),
+                    "recall_at_10_without_iterative": round(filt_plain, 4),
+                    "iterative_p50_ms": round(fi_p50, 2),
+                    "exact_p50_ms": round(fe_p50, 2),
+                },
+                "targets": {
+                    "ratio_copy_speedup": ">= 10",
+                    "recall_at_10": ">= 0.95",
+                    "ratio_hnsw_vs_exact_latency": "<= 0.1",
+                    "recall_at_10_iterative": ">= 0.95",
+                },
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""pgvector storage and search for the unified space.
+
+- Bulk load with binary COPY (numpy arrays go over the wire as pgvector's binary format).
+- A batch is replaced in one transaction: a re-run or a crash never leaves half a batch.
+- HNSW with cosine distance, one partial expression index per dimension.
+- Filtered queries turn on `hnsw.iterative_scan` (pgvector >= 0.8): without it the index
+  returns `ef_search` candidates and the filter runs afterwards, silently dropping results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+COLUMNS = (
+    "batch",
+    "tenant",
+    "item_kind",
+    "modality",
+    "content_hash",
+    "parent_hash",
+    "source_uri",
+    "start_s",
+    "end_s",
+    "chunk_index",
+    "text",
+    "encoder_version",
+    "projector_version",
+    "embedding",
+)
+_TYPES = ["text"] * 7 + ["float8", "float8", "int4", "text", "text", "text", "vector"]
+
+
+@dataclass(frozen=True)
+class VectorRow:
+    batch: str
+    tenant: str
+    item_kind: str
+    modality: str
+    content_hash: str
+    parent_hash: str | None
+    source_uri: str | None
+    start_s: float | None
+    end_s: float | None
+    chunk_index: int | None
+    text: str | None
+    encoder_version: str
+    projector_version: str
+    embedding: np.ndarray
+
+    def values(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+
+def _index_name(dim: int) -> str:
+    return f"unified_vectors_hnsw_d{int(dim)}"
+
+
+def _vec(dim: int) -> sql.Composable:
+    return sql.SQL("embedding::vector({})").format(sql.Literal(int(dim)))
+
+
+def ensure_index(
+    conn: psycopg.Connection, dim: int, m: int = 16, ef_construction: int = 64
+) -> None:
+    with conn.transaction():
+        conn.execute("SET LOCAL maintenance_work_mem = '512MB'")  # index builds need room
+        conn.execute(
+            sql.SQL(
+                "CREATE INDEX IF NOT EXISTS {} ON unified_vectors "
+                "USING hnsw (({}) vector_cosine_ops) WITH (m = {}, ef_construction = {}) "
+                "WHERE vector_dims(embedding) = {}"
+            ).format(
+                sql.Identifier(_index_name(dim)),
+                _vec(dim),
+                sql.Literal(m),
+                sql.Literal(ef_construction),
+                sql.Literal(int(dim)),
+            )
+        )
+
+
+def copy_rows(conn: psycopg.Connection, rows: Iterable[VectorRow]) -> int:
+    """Binary COPY of rows into unified_vectors (inside the caller's transaction)."""
+    n = 0
+    cols = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+    with (
+        conn.cursor() as cur,
+        cur.copy(
+            sql.SQL("COPY unified_vectors ({}) FROM STDIN WITH (FORMAT BINARY)").format(cols)
+        ) as copy,
+    ):
+        copy.set_types(_TYPES)
+        for row in rows:
+            values = row.values()
+            copy.write_row((*values[:-1], np.asarray(values[-1], dtype=np.float32)))
+            n += 1
+    return n
+
+
+def replace_batch(conn: psycopg.Connection, batch: str, rows: Sequence[VectorRow]) -> int:
+    """Make `rows` the batch's vectors in one transaction; return how many were written."""
+    for dim in {len(r.embedding) for r in rows}:
+        ensure_index(conn, dim)
+    with conn.transaction():
+        conn.execute("DELETE FROM unified_vectors WHERE batch = %s", (batch,))
+        return copy_rows(conn, rows)
+
+
+@dataclass(frozen=True)
+class Filters:
+    tenant: str | None = None
+    batches: Sequence[str] | None = None
+    modalities: Sequence[str] | None = None
+    item_kinds: Sequence[str] | None = None
+    projector_version: str | None = None
+
+
+def _where(dim: int, filters: Filters) -> tuple[sql.Composable, list[Any]]:
+    clauses = [sql.SQL("vector_dims(embedding) = {}").format(sql.Literal(int(dim)))]
+    params: list[Any] = []
+    for column, value, many in (
+        ("tenant", filters.tenant, False),
+        ("projector_version", filters.projector_version, False),
+        ("batch", filters.batches, True),
+        ("modality", filters.modalities, True),
+        ("item_kind", filters.item_kinds, True),
+    ):
+        if value is None:
+            continue
+        op = "= ANY(%s)" if many else "= %s"
+        clauses.append(sql.SQL("{} " + op).format(sql.Identifier(column)))
+        params.append(list(value) if many else value)
+    return sql.SQL(" AND ").join(clauses), params
+
+
+def search(
+    conn: psycopg.Connection,
+    query: np.ndarray,
+    k: int = 10,
+    filters: Filters | None = None,
+    *,
+    exact: bool = False,
+    iterative: bool = True,
+    ef_search: int = 64,
+) -> list[dict[str, Any]]:
+    """Nearest rows by cosine distance, best first, with `score` = cosine similarity."""
+    filters = filters or Filters()
+    q = np.asarray(query, dtype=np.float32)
+    dim = len(q)
+    where, params = _where(dim, filters)
+    names = sql.SQL(", ").join(sql.Identifier(c) for c in COLUMNS if c != "embedding")
+    inner = sql.SQL(
+        "SELECT id, {names}, {vec} <=> %s::vector({dim}) AS distance FROM unified_vectors "
+        "WHERE {where} ORDER BY {vec} <=> %s::vector({dim}) LIMIT {k}"
+    ).format(names=names, vec=_vec(dim), dim=sql.Literal(dim), where=where, k=sql.Literal(int(k)))
+    # relaxed iterative scans may return rows slightly out of order: sort the final k
+    stmt = sql.SQL("SELECT *, 1 - distance AS score FROM ({}) AS hits ORDER BY distance").format(
+        inner
+    )
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        if exact:
+            cur.execute("SET LOCAL enable_indexscan = off")
+            cur.execute("SET LOCAL enable_bitmapscan = off")
+        else:
+            cur.execute(
+                sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(int(ef_search)))
+            )
+            mode = "relaxed_order" if iterative else "off"
+            cur.execute(sql.SQL("SET LOCAL hnsw.iterative_scan = {}").format(sql.Literal(mode)))
+        cur.execute(stmt, [q, *params, q])
+        return cur.fetchall()
+
+
+def recall_at_k(
+    conn: psycopg.Connection,
+    queries: np.ndarray,
+    k: int = 10,
+    filters: Filters | None = None,
+    **kwargs: Any,
+) -> float:
+    """Mean overlap of ANN top-k with exact top-k over the queries."""
+    hits = total = 0
+    for q in queries:
+        truth = {r["id"] for r in search(conn, q, k, filters, exact=True)}
+        if not truth:
+            continue
+        got = {r["id"] for r in search(conn, q, k, filters, **kwargs)}
+        hits += len(truth & got)
+        total += len(truth)
+    return hits / total if total else 1.0
+
+
+def count(conn: psycopg.Connection, batch: str | None = None) -> int:
+    if batch is None:
+        return conn.execute("SELECT count(*) FROM unified_vectors").fetchone()[0]
+    return conn.execute(
+        "SELECT count(*) FROM unified_vectors WHERE batch = %s", (batch,)
+    ).fetchone()[0]
+
+
+def sample_embeddings(
+    conn: psycopg.Connection, n: int, dim: int, batch: str | None = None
+) -> np.ndarray:
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT {} FROM unified_vectors WHERE vector_dims(embedding) = {} "
+            "AND (%s::text IS NULL OR batch = %s) ORDER BY random() LIMIT {}"
+        ).format(_vec(dim), sql.Literal(dim), sql.Literal(int(n))),
+        (batch, batch),
+    ).fetchall()
+    return (
+        np.stack([np.asarray(r[0], dtype=np.float32) for r in rows]) if rows else np.zeros((0, dim))
+    )
