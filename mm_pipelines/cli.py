@@ -50,6 +50,19 @@ def run_batch(batch: str) -> dict:
     }
 
 
+def _printable(outcome: dict) -> dict:
+    """The run's metadata without inline images and long markdown, for a terminal."""
+    assets = {
+        key: {
+            k: v
+            for k, v in meta.items()
+            if not (isinstance(v, str) and ("![" in v or len(v) > 300))
+        }
+        for key, meta in outcome["assets"].items()
+    }
+    return {"assets": assets, "checks": outcome["checks"]}
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mm_pipelines.media.sample_data import write_sample_batch
 
@@ -60,27 +73,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     write_sample_batch(landing, args.batch)
     print(f"sample batch {args.batch!r} written to {landing / args.batch}")
     outcome = run_batch(args.batch)
-    raw = outcome["assets"].get("raw_media", {})
-    summary = {
-        k: raw.get(k)
-        for k in (
-            "files_seen",
-            "ok",
-            "quarantined",
-            "quarantined_by_reason",
-            "by_modality",
-            "duplicates",
-            "dedup_ratio",
-            "bytes",
-            "new_objects_stored",
-            "unchanged_files_skipped",
-        )
-    }
-    print(
-        json.dumps(
-            {"batch": args.batch, "raw_media": summary, "checks": outcome["checks"]}, indent=2
-        )
-    )
+    print(json.dumps({"batch": args.batch, **_printable(outcome)}, indent=2))
     print(
         "\nOpen the Dagster UI on the same data:  make dev   (or: mm dev)\n"
         f"  DAGSTER_HOME={settings.dagster_home()}  ->  http://127.0.0.1:3000"

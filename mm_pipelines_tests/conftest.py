@@ -22,13 +22,23 @@ def pg_server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.cleanup()
 
 
+def new_database(server_dsn: str) -> str:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return make_conninfo(server_dsn, dbname=name)
+
+
 @pytest.fixture
 def pg_dsn(pg_server_dsn: str) -> str:
     """A fresh, empty database on the session's server for each test."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return make_conninfo(pg_server_dsn, dbname=name)
+    return new_database(pg_server_dsn)
+
+
+@pytest.fixture(scope="module")
+def module_pg_dsn(pg_server_dsn: str) -> str:
+    """A fresh database shared by the tests of one module (for expensive set-ups)."""
+    return new_database(pg_server_dsn)
 
 
 def _free_port() -> int:

@@ -33,7 +33,7 @@ def test_demo_ingests_the_sample_batch_and_prints_a_summary(tmp_path):
         summary = json.loads(proc.stdout[proc.stdout.index("{\n") : proc.stdout.rindex("}") + 1])
     finally:
         run_mm("db", "stop", env=env)
-    raw = summary["raw_media"]
+    raw = summary["assets"]["raw_media"]
     assert set(raw["by_modality"]) == {"image", "video", "audio", "text"}
     assert raw["quarantined_by_reason"] == {"empty_file": 1, "truncated": 1, "unsupported_type": 1}
     assert raw["duplicates"] == 1
