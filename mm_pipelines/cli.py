@@ -19,8 +19,9 @@ def _cmd_sample_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_batch(batch: str) -> dict:
-    """Materialize the batch pipeline for one batch on the persistent local instance."""
+def run_job(job: str, partition: str | None = None, assets: list[str] | None = None) -> dict:
+    """Run a job of the Definitions (optionally a subset of its assets) on the persistent
+    local instance, exactly as the UI would; return its metadata and check results."""
     import dagster as dg
 
     settings.prepare_dagster_home()
@@ -28,10 +29,13 @@ def run_batch(batch: str) -> dict:
     from mm_pipelines.defs.partitions import batch_partitions
 
     instance = dg.DagsterInstance.get()
-    if not instance.has_dynamic_partition(batch_partitions.name, batch):
-        instance.add_dynamic_partitions(batch_partitions.name, [batch])
-    result = defs.resolve_job_def("batch_pipeline").execute_in_process(
-        partition_key=batch, instance=instance, raise_on_error=False
+    if partition and not instance.has_dynamic_partition(batch_partitions.name, partition):
+        instance.add_dynamic_partitions(batch_partitions.name, [partition])
+    result = defs.resolve_job_def(job).execute_in_process(
+        partition_key=partition,
+        instance=instance,
+        raise_on_error=False,
+        asset_selection=[dg.AssetKey(a) for a in assets] if assets else None,
     )
     metadata: dict = {}
     for event in result.get_asset_materialization_events():
@@ -42,11 +46,13 @@ def run_batch(batch: str) -> dict:
         for e in result.all_events
         if e.event_type_value == "ASSET_CHECK_EVALUATION"
     }
+    failures = [e.message for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     return {
         "success": result.success,
         "run_id": result.run_id,
         "assets": metadata,
         "checks": checks,
+        "failures": failures,
     }
 
 
@@ -63,7 +69,15 @@ def _printable(outcome: dict) -> dict:
     return {"assets": assets, "checks": outcome["checks"]}
 
 
+DEMO_QUERIES = [
+    "a red circle on a blue background",
+    "a yellow cross on a black background",
+    "check the shipping address before you confirm your order",
+]
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from mm_pipelines.defs.resources import build_resources
     from mm_pipelines.media.sample_data import write_sample_batch
 
     landing = Path(settings.landing_uri())
@@ -71,14 +85,106 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print("mm demo writes a local landing batch; unset MM_LANDING", file=sys.stderr)
         return 2
     write_sample_batch(landing, args.batch)
-    print(f"sample batch {args.batch!r} written to {landing / args.batch}")
-    outcome = run_batch(args.batch)
+    print(f"sample batch {args.batch!r} written to {landing / args.batch}", flush=True)
+    models = build_resources()["models"]
+    steps: list[tuple[str, str | None, list[str] | None]] = []
+    if not models.clip_checkpoint and not models.demo_clip_path().exists():
+        print("training the demo CLIP model (a few minutes on a CPU) ...", flush=True)
+        steps.append(("train_clip", None, None))
+    steps.append(
+        (
+            "batch_pipeline",
+            args.batch,
+            ["raw_media", "video_frames", "transcripts", "clip_embeddings", "audio_embeddings"],
+        )
+    )
+    if not models.projector_dir and not (models.root() / "projector" / "CURRENT").exists():
+        steps.append(("train_projector", None, None))
+    steps.append(("batch_pipeline", args.batch, ["unified_embeddings", "vector_index"]))
+    outcome: dict = {"assets": {}, "checks": {}}
+    for job, partition, assets in steps:
+        print(f"running {job}{f' [{partition}]' if partition else ''} ...", flush=True)
+        result = run_job(job, partition, assets)
+        outcome["assets"].update(result["assets"])
+        outcome["checks"].update(result["checks"])
+        if not result["success"]:
+            print(json.dumps({"failed": job, "errors": result["failures"]}, indent=2))
+            return 1
     print(json.dumps({"batch": args.batch, **_printable(outcome)}, indent=2))
+    print("\nSample searches over the demo index:")
+    for query in DEMO_QUERIES:
+        print(f"\n$ mm search {query!r}")
+        _print_results(_search(query, k=3))
     print(
         "\nOpen the Dagster UI on the same data:  make dev   (or: mm dev)\n"
         f"  DAGSTER_HOME={settings.dagster_home()}  ->  http://127.0.0.1:3000"
     )
-    return 0 if outcome["success"] else 1
+    return 0
+
+
+def _search(
+    query: str | Path,
+    k: int = 5,
+    tenant: str | None = None,
+    batches: list[str] | None = None,
+    modalities: list[str] | None = None,
+):
+    from mm_pipelines.defs.resources import build_resources
+    from mm_pipelines.ml.search import QueryModels, search
+
+    res = build_resources()
+    models, compute = res["models"], res["compute"]
+    architecture, checkpoint = models.clip_source()
+    query_models = QueryModels.load(
+        architecture,
+        checkpoint,
+        models.projector_path(),
+        models.whisper_model,
+        device=compute.torch_device(),
+    )
+    with res["catalog_db"].connect() as conn:
+        return search(conn, query_models, query, k, tenant, batches, modalities)
+
+
+def _print_results(results) -> None:
+    def short(h: str | None) -> str:
+        return (h or "")[:12]
+
+    for r in results.images:
+        print(
+            f"  image   {r['score']:.3f}  {r['source_uri'].rsplit('/', 1)[-1]}  ({r['matched_by']})"
+        )
+    for r in results.videos:
+        moments = ", ".join(f"{f['timestamp_s']:.1f}s" for f in r["matched_frames"][:3])
+        print(f"  video   {r['score']:.3f}  {r['source_uri'].rsplit('/', 1)[-1]}  at {moments}")
+    for r in results.passages:
+        print(
+            f"  speech  {r['score']:.3f}  {short(r['source_hash'])} "
+            f'{r["start_s"]:.1f}-{r["end_s"]:.1f}s  "{r["text"].strip()}"'
+        )
+    for r in results.documents:
+        print(f'  text    {r["score"]:.3f}  {short(r["document_hash"])}  "{r["text"][:70]}"')
+    for r in results.sounds:
+        print(
+            f"  sound   {r['score']:.3f}  {short(r['source_hash'])} "
+            f"{(r['start_s'] or 0):.1f}-{(r['end_s'] or 0):.1f}s"
+        )
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from mm_pipelines.ml.search import SearchError
+
+    query: str | Path = Path(args.file) if args.file else " ".join(args.query)
+    try:
+        results = _search(query, args.k, args.tenant, args.batch, args.modality)
+    except (SearchError, FileNotFoundError) as err:
+        print(f"mm search: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(results.as_dict(), indent=2, default=str))
+    else:
+        _print_results(results)
+    return 0
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
@@ -124,6 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="write the sample batch and run the pipeline on it")
     p.add_argument("--batch", default="demo-0001")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("search", help="cross-modal search of the index")
+    p.add_argument("query", nargs="*", help="query text")
+    p.add_argument("--file", help="an image, audio or video file as the query instead")
+    p.add_argument("-k", type=int, default=5, help="results per group")
+    p.add_argument("--tenant")
+    p.add_argument("--batch", action="append", help="restrict to a batch (repeatable)")
+    p.add_argument("--modality", action="append", choices=["image", "video", "audio", "text"])
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("dev", help="start the Dagster UI on the local .mm/ state")
     p.add_argument("--host", default="127.0.0.1")

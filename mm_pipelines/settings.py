@@ -58,3 +58,7 @@ def prepare_dagster_home() -> Path:
         target.write_text(template.read_text())
     os.environ["DAGSTER_HOME"] = str(home)
     return home
+
+
+def models_dir() -> Path:
+    return Path(env("MM_MODELS_DIR", str(mm_home() / "models"))).expanduser().resolve()  # type: ignore[arg-type]

@@ -7,16 +7,35 @@ import dagster as dg
 # partitioned asset checks are "preview" in Dagster 1.13; we rely on them knowingly
 warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*")
 
+from mm_pipelines.defs.assets.embed import (  # noqa: E402
+    ann_recall,
+    audio_embeddings,
+    clip_embeddings,
+    clip_model,
+    unified_embeddings,
+    unified_projector,
+    vector_index,
+)
 from mm_pipelines.defs.assets.ingest import objects_intact, quarantine_rate, raw_media  # noqa: E402
 from mm_pipelines.defs.assets.understand import transcripts, video_frames  # noqa: E402
-from mm_pipelines.defs.jobs import batch_pipeline  # noqa: E402
+from mm_pipelines.defs.jobs import batch_pipeline, train_clip_job, train_projector_job  # noqa: E402
 from mm_pipelines.defs.resources import build_resources  # noqa: E402
 from mm_pipelines.defs.sensors import landing_sensor  # noqa: E402
 
 defs = dg.Definitions(
-    assets=[raw_media, video_frames, transcripts],
-    asset_checks=[quarantine_rate, objects_intact],
-    jobs=[batch_pipeline],
+    assets=[
+        raw_media,
+        video_frames,
+        transcripts,
+        clip_model,
+        clip_embeddings,
+        audio_embeddings,
+        unified_projector,
+        unified_embeddings,
+        vector_index,
+    ],
+    asset_checks=[quarantine_rate, objects_intact, ann_recall],
+    jobs=[batch_pipeline, train_clip_job, train_projector_job],
     sensors=[landing_sensor],
     resources=build_resources(),
 )

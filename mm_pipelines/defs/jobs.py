@@ -1,13 +1,43 @@
 import dagster as dg
 
+from mm_pipelines.defs.assets.embed import (
+    audio_embeddings,
+    clip_embeddings,
+    clip_model,
+    unified_embeddings,
+    unified_projector,
+    vector_index,
+)
 from mm_pipelines.defs.assets.ingest import raw_media
 from mm_pipelines.defs.assets.understand import transcripts, video_frames
 from mm_pipelines.defs.partitions import batch_partitions
 
-# Everything a new landing batch goes through; later stages join this selection.
+BATCH_ASSETS = [
+    raw_media,
+    video_frames,
+    transcripts,
+    clip_embeddings,
+    audio_embeddings,
+    unified_embeddings,
+    vector_index,
+]
+
+# Everything a new landing batch goes through (the landing sensor runs this).
 batch_pipeline = dg.define_asset_job(
     "batch_pipeline",
-    selection=dg.AssetSelection.assets(raw_media, video_frames, transcripts),
+    selection=dg.AssetSelection.assets(*BATCH_ASSETS),
     partitions_def=batch_partitions,
-    description="Process one landing batch end to end.",
+    description="Process one landing batch end to end: ingest, understand, embed, index.",
+)
+
+train_clip_job = dg.define_asset_job(
+    "train_clip",
+    selection=dg.AssetSelection.assets(clip_model),
+    description="(Re)build the CLIP model every batch is embedded with.",
+)
+
+train_projector_job = dg.define_asset_job(
+    "train_projector",
+    selection=dg.AssetSelection.assets(unified_projector),
+    description="(Re)train the unified projector on every embedded batch.",
 )

@@ -4,9 +4,11 @@
 configured by environment variables and runs offline on embedded defaults when none is set.
 """
 
+import contextlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -96,6 +98,45 @@ class ComputeResource(dg.ConfigurableResource):
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
+class ModelsResource(dg.ConfigurableResource):
+    """Which models the pipeline uses. Empty values mean the demo models that the
+    `clip_model` / `unified_projector` assets train into `models_dir`."""
+
+    models_dir: str = ""
+    clip_architecture: str = Field(default="mm-tiny-clip", description="open_clip model name")
+    clip_checkpoint: str = Field(
+        default="", description="weights file, 'local-dir:<dir>' or a hub tag; empty: demo model"
+    )
+    whisper_model: str | None = Field(default=None, description="faster-whisper dir or name")
+    projector_dir: str = Field(default="", description="empty: the latest trained projector")
+
+    def root(self) -> Path:
+        return Path(self.models_dir or settings.models_dir())
+
+    def demo_clip_path(self) -> Path:
+        return self.root() / "clip-demo" / "open_clip_model.safetensors"
+
+    def clip_source(self) -> tuple[str, str]:
+        """(architecture, checkpoint) to load; fails clearly when nothing is there yet."""
+        checkpoint = self.clip_checkpoint or str(self.demo_clip_path())
+        if not self.clip_checkpoint and not Path(checkpoint).is_file():
+            raise FileNotFoundError(
+                f"no CLIP checkpoint at {checkpoint}: materialize the clip_model asset first "
+                "(or set MM_CLIP_CHECKPOINT)"
+            )
+        return self.clip_architecture, checkpoint
+
+    def projector_path(self) -> Path:
+        if self.projector_dir:
+            return Path(self.projector_dir)
+        pointer = self.root() / "projector" / "CURRENT"
+        if not pointer.is_file():
+            raise FileNotFoundError(
+                f"no unified projector at {pointer.parent}: materialize unified_projector first"
+            )
+        return pointer.parent / pointer.read_text().strip()
+
+
 class MLflowResource(dg.ConfigurableResource):
     """MLflow tracking: one MLflow run per asset partition materialization."""
 
@@ -144,6 +185,19 @@ class MLflowResource(dg.ConfigurableResource):
             raise
         mlflow.end_run(status="FINISHED")
 
+    def register(self, run: Any, artifact_path: str, name: str, tags: dict | None = None) -> str:
+        """Register the run's artifact folder as a new version of model `name`."""
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        if not client.search_registered_models(filter_string=f"name = '{name}'"):
+            with contextlib.suppress(mlflow.exceptions.MlflowException):  # made concurrently
+                client.create_registered_model(name)
+        version = client.create_model_version(
+            name, f"{run.info.artifact_uri}/{artifact_path}", run_id=run.info.run_id, tags=tags
+        )
+        return str(version.version)
+
     def run_url(self, run: Any) -> str:
         base = (self.ui_url or settings.env("MM_MLFLOW_UI", "http://127.0.0.1:5000")).rstrip("/")
         return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
@@ -154,7 +208,7 @@ def build_resources() -> dict[str, Any]:
         endpoint_url=settings.env("MM_S3_ENDPOINT_URL"),
         region_name=settings.env("AWS_REGION", settings.env("AWS_DEFAULT_REGION", "us-east-1")),
     )
-    return {
+    resources: dict[str, Any] = {
         "catalog_db": CatalogResource(
             dsn=settings.pg_dsn(), embedded_dir=settings.embedded_pg_dir()
         ),
@@ -169,8 +223,25 @@ def build_resources() -> dict[str, Any]:
             device=settings.env("MM_DEVICE", "auto"),
             precision=settings.env("MM_PRECISION", "auto"),
         ),
-        "mlflow": MLflowResource(
+        "models": ModelsResource(
+            models_dir=str(settings.models_dir()),
+            clip_architecture=settings.env("MM_CLIP_ARCH", "mm-tiny-clip"),
+            clip_checkpoint=settings.env("MM_CLIP_CHECKPOINT", ""),
+            whisper_model=settings.env("MM_WHISPER_MODEL"),
+            projector_dir=settings.env("MM_PROJECTOR_DIR", ""),
+        ),
+        "mlflow_tracking": MLflowResource(
             tracking_uri=settings.mlflow_tracking_uri(),
             artifact_root=settings.mlflow_artifact_root(),
         ),
     }
+    bucket = settings.env("MM_S3_BUCKET")
+    if bucket:  # step outputs must be shared between pods in production
+        from dagster_aws.s3 import S3PickleIOManager
+
+        resources["io_manager"] = S3PickleIOManager(
+            s3_resource=s3,
+            s3_bucket=bucket,
+            s3_prefix=settings.env("MM_S3_IO_PREFIX", "dagster-io"),
+        )
+    return resources

@@ -12,6 +12,7 @@ records its chunk index and character span, so nothing is ever dropped unseen.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import time
@@ -44,29 +45,39 @@ class ImageEncodeResult:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def open_image(source: ImageSource) -> Image.Image:
-    """Decode a path, raw bytes or an in-memory image into RGB."""
+def open_image(source: ImageSource, min_side: int | None = None) -> Image.Image:
+    """Decode a path, raw bytes or an in-memory image into RGB.
+
+    ``min_side``: a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps
+    both sides >= min_side; the model input is 224 px or less, so decoding a 4000 px
+    photo at full size is wasted work.
+    """
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, bytes | bytearray | memoryview):
         image = Image.open(io.BytesIO(source))
     else:
         image = Image.open(Path(source))
+    if min_side and image.format == "JPEG":
+        image.draft("RGB", (min_side, min_side))
     image.load()  # force the decode here (inside the worker), not lazily later
     return image.convert("RGB")
 
 
 class _ImageDataset(Dataset):
-    def __init__(self, sources: Sequence[ImageSource], preprocess: Callable) -> None:
+    def __init__(
+        self, sources: Sequence[ImageSource], preprocess: Callable, min_side: int | None
+    ) -> None:
         self.sources = sources
         self.preprocess = preprocess
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            return i, self.preprocess(open_image(self.sources[i])), ""
+            return i, self.preprocess(open_image(self.sources[i], self.min_side)), ""
         except Exception as exc:  # noqa: BLE001 - any decode failure is a per-item status
             return i, None, f"{type(exc).__name__}: {exc}"
 
@@ -80,6 +91,20 @@ def _collate(batch: list[tuple[int, torch.Tensor | None, str]]):
 
 def default_num_workers() -> int:
     return min(4, max(1, (os.cpu_count() or 1)))
+
+
+def _lower_priority(_worker_id: int) -> None:
+    # Decoding is latency-tolerant (it runs ahead); the model's threads are not, and on a
+    # small machine a worker holding a core stalls every step of a multi-threaded forward.
+    with contextlib.suppress(OSError):
+        os.nice(5)
+
+
+def model_input_side(bundle: ClipBundle) -> int | None:
+    size = getattr(bundle.model.visual, "image_size", None)
+    if size is None:
+        return None
+    return int(max(size)) if isinstance(size, tuple | list) else int(size)
 
 
 def encode_images(
@@ -96,9 +121,10 @@ def encode_images(
     workers = default_num_workers() if num_workers is None else num_workers
     workers = min(workers, max(0, -(-len(sources) // batch_size)))  # no idle workers
     loader = DataLoader(
-        _ImageDataset(sources, bundle.preprocess),
+        _ImageDataset(sources, bundle.preprocess, model_input_side(bundle)),
         batch_size=batch_size,
         num_workers=workers,
+        worker_init_fn=_lower_priority if workers else None,
         collate_fn=_collate,
         pin_memory=bundle.device.type == "cuda",
         prefetch_factor=4 if workers else None,

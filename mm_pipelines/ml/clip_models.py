@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,13 +202,20 @@ def _embed_dim(model: torch.nn.Module) -> int:
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | Path) -> str:
-    """Save weights as safetensors (loadable as ``checkpoint=path``); returns the sha256."""
-    from safetensors.torch import save_file
+    """Save weights loadable as ``checkpoint=path``; returns the file's sha256.
 
+    open_clip picks the format by suffix: ``.safetensors`` is written as safetensors,
+    anything else as a plain ``torch.save`` state dict (loads with weights_only=True).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
     return file_sha256(path)
 
 
@@ -229,14 +236,3 @@ def save_local_dir(model: torch.nn.Module, architecture: str, folder: str | Path
     (folder / CONFIG_FILENAME).write_text(json.dumps(payload, indent=2))
     save_checkpoint(model, folder / WEIGHTS_FILENAME)
     return f"{LOCAL_DIR_PREFIX}{folder.resolve()}"
-
-
-@contextlib.contextmanager
-def train_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Temporarily put a model in train mode, restoring its previous mode."""
-    was_training = model.training
-    model.train()
-    try:
-        yield model
-    finally:
-        model.train(was_training)

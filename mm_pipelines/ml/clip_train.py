@@ -8,6 +8,7 @@ to MLflow without this module knowing about MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -106,18 +107,34 @@ def _build_pool(
     return torch.stack(tensors), text_tokens, by_combo
 
 
+def _shape_groups(specs: Sequence[shapes.ShapeSpec]) -> list[list[int]]:
+    """Combo indices grouped by (colour, background): a group differs only in shape."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, s in enumerate(specs):
+        groups.setdefault((s.colour, s.background), []).append(i)
+    return list(groups.values())
+
+
 def _sample_batch(
-    gen: torch.Generator, by_combo: list[list[int]], batch_size: int
+    gen: torch.Generator,
+    by_combo: list[list[int]],
+    groups: list[list[int]],
+    batch_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distinct caption combos per batch, so no in-batch negative shares the positive's caption."""
-    n_combos = len(by_combo)
-    combos = torch.randperm(n_combos, generator=gen)[: min(batch_size, n_combos)]
-    picks = torch.randint(0, 1 << 30, (len(combos),), generator=gen)
-    image_idx = [
-        by_combo[c][p % len(by_combo[c])]
-        for c, p in zip(combos.tolist(), picks.tolist(), strict=True)
-    ]
-    return torch.tensor(image_idx), combos
+    """A batch of distinct caption combos, built from whole (colour, background) groups.
+
+    Colour is easy and shape is hard: with every shape of a colour pair in the batch,
+    the only way to tell those captions apart is the shape, so each step teaches it.
+    Distinct combos also mean no in-batch negative shares the positive's caption.
+    """
+    combos: list[int] = []
+    for g in torch.randperm(len(groups), generator=gen).tolist():
+        if len(combos) + len(groups[g]) > batch_size:
+            break
+        combos.extend(groups[g])
+    picks = torch.randint(0, 1 << 30, (len(combos),), generator=gen).tolist()
+    image_idx = [by_combo[c][p % len(by_combo[c])] for c, p in zip(combos, picks, strict=True)]
+    return torch.tensor(image_idx), torch.tensor(combos)
 
 
 def train_clip(
@@ -126,15 +143,36 @@ def train_clip(
     precision: str | None = None,
     progress: ProgressFn | None = None,
     checkpoint_path: str | Path | None = None,
+    num_threads: int | None = None,
 ) -> TrainResult:
-    """Train from scratch; optionally save a safetensors checkpoint loadable by load_clip."""
+    """Train from scratch; optionally save a checkpoint loadable by ``load_clip``.
+
+    ``num_threads`` caps torch's CPU threads for this call only. On a CPU shared with
+    other busy processes, 1 thread can be several times faster than 2 (threads spin at
+    every barrier waiting for a descheduled sibling); results do not depend on it beyond
+    float rounding.
+    """
+    previous_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        return _train(config, device, precision, progress, checkpoint_path)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(config, device, precision, progress, checkpoint_path) -> TrainResult:
     register_tiny_architecture()
     dev = resolve_device(device)
     prec = resolve_precision(dev, precision)
-    torch.manual_seed(config.seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(config.architecture, device=dev)
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching global state
+        torch.manual_seed(config.seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            config.architecture, device=dev
+        )
     tokenizer = open_clip.get_tokenizer(config.architecture)
     images, text_tokens, by_combo = _build_pool(config, preprocess, tokenizer)
+    groups = _shape_groups(shapes.all_specs())
     images, text_tokens = images.to(dev), text_tokens.to(dev)
 
     if not config.train_token_embedding:
@@ -152,7 +190,7 @@ def train_clip(
             break
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
-        img_idx, combo_idx = _sample_batch(gen, by_combo, config.batch_size)
+        img_idx, combo_idx = _sample_batch(gen, by_combo, groups, config.batch_size)
         loss = _step(model, optimizer, images[img_idx.to(dev)], text_tokens[combo_idx.to(dev)], amp)
         loss_value = float(loss)
         if step % config.log_every == 0 or step == config.steps - 1:
@@ -204,7 +242,7 @@ def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 
 
 def _step(model, optimizer, images, tokens, amp: torch.dtype | None) -> torch.Tensor:
-    ctx = torch.autocast(images.device.type, dtype=amp) if amp else _null()
+    ctx = torch.autocast(images.device.type, dtype=amp) if amp else contextlib.nullcontext()
     with ctx:
         img, txt, logit_scale = model(images, tokens)[:3]
         logits = logit_scale * img.float() @ txt.float().T
@@ -216,12 +254,6 @@ def _step(model, optimizer, images, tokens, amp: torch.dtype | None) -> torch.Te
     with torch.no_grad():  # CLIP clamps the learned temperature at 100
         model.logit_scale.clamp_(0, math.log(100))
     return loss.detach()
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _bundle_from_trained(model, preprocess, tokenizer, dev, prec, cfg: TrainConfig) -> ClipBundle:

@@ -52,7 +52,7 @@ class TinyDiffusionConfig:
     unet_attention_head_dim: int = 8
     unet_norm_num_groups: int = 8
     # VAE
-    vae_block_out_channels: tuple[int, ...] = (32, 64)
+    vae_block_out_channels: tuple[int, ...] = (16, 32, 32)
     vae_layers_per_block: int = 1
     vae_norm_num_groups: int = 8
     latent_channels: int = 4
@@ -333,6 +333,11 @@ def diffusion_loss(
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
 
+def make_optimizer(params: Any, lr: float, weight_decay: float = 1e-2) -> torch.optim.Optimizer:
+    """AdamW; `foreach` explicitly, because on CPU the default is a per-tensor Python loop."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Endless random index batches (with replacement: tiny sets, any batch size)."""
     while True:
@@ -408,7 +413,7 @@ def _train_vae(
     progress: ProgressFn | None,
 ) -> list[float]:
     vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=tcfg.vae_learning_rate, weight_decay=0.0)
+    opt = make_optimizer(vae.parameters(), tcfg.vae_learning_rate, weight_decay=0.0)
     losses: list[float] = []
     batches = _batches(len(pixels), tcfg.batch_size, gen)
     for step in range(1, tcfg.vae_steps + 1):
@@ -423,7 +428,7 @@ def _train_vae(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), tcfg.max_grad_norm)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress is not None:
             progress(step, losses[-1])
     vae.eval().requires_grad_(False)
@@ -448,7 +453,7 @@ def _train_unet(
     text_emb = encode_prompts(pipe, captions, device)
     empty_emb = encode_prompts(pipe, [""], device)
     unet = pipe.unet.train().requires_grad_(True)
-    opt = torch.optim.AdamW(unet.parameters(), lr=tcfg.unet_learning_rate, weight_decay=1e-2)
+    opt = make_optimizer(unet.parameters(), tcfg.unet_learning_rate, weight_decay=1e-2)
     scaling = float(pipe.vae.config.scaling_factor)
     losses: list[float] = []
     batches = _batches(len(mean), tcfg.batch_size, gen)
@@ -462,7 +467,7 @@ def _train_unet(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), tcfg.max_grad_norm)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress is not None:
             progress(step, losses[-1])
     unet.eval().requires_grad_(False)
@@ -504,7 +509,7 @@ def load_pipeline(
         switch = "cpu_offload" if cpu_offload else "quantize_nf4"
         raise ValueError(f"{switch} needs a CUDA device, got {device}")
     cls = pipeline_cls or DiffusionPipeline
-    kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": True}
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
     if quantize_nf4:
         kwargs["quantization_config"] = _nf4_config(path, dtype)
     pipe = cls.from_pretrained(str(path), **kwargs)
