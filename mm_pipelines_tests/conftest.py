@@ -74,3 +74,13 @@ def mm_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("MM_LANDING", raising=False)
     monkeypatch.delenv("MM_S3_BUCKET", raising=False)
     return home
+
+
+@pytest.fixture(scope="session")
+def demo_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny CLIP trained exactly as `mm demo` trains it (once per test session)."""
+    from mm_pipelines.ml.clip_train import DEMO_TRAIN_CONFIG, train_clip
+
+    path = tmp_path_factory.mktemp("demo_clip") / "open_clip_model.safetensors"
+    train_clip(DEMO_TRAIN_CONFIG, device="cpu", checkpoint_path=path)
+    return path

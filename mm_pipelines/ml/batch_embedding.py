@@ -15,7 +15,7 @@ import psycopg
 from mm_pipelines.ml import audio_embed, clip_encode, speech
 from mm_pipelines.ml.clip_models import ClipBundle
 from mm_pipelines.ml.projector import UnifiedProjector, mean_text_vectors
-from mm_pipelines.storage import embeddings
+from mm_pipelines.storage import embeddings, vectors
 from mm_pipelines.storage.embeddings import EmbeddingRow, Item
 from mm_pipelines.storage.media_store import MediaStore
 
@@ -306,3 +306,24 @@ def _space(item_kind: str) -> str:
     if item_kind in ("audio", "audio_window"):
         return "audio"
     return "image" if item_kind in ("image", "video_frame") else "text"
+
+
+def vector_rows(frame: pd.DataFrame) -> list[vectors.VectorRow]:
+    """DataFrame rows back to typed index rows (pandas turns missing numbers into NaN and
+    integers into floats; the database wants NULL and int)."""
+
+    def clean(column: str, value):
+        if isinstance(value, np.ndarray):
+            return value
+        if value is None or pd.isna(value):
+            return None
+        if column == "chunk_index":
+            return int(value)
+        if column in ("start_s", "end_s"):
+            return float(value)
+        return value
+
+    return [
+        vectors.VectorRow(**{c: clean(c, record[c]) for c in vectors.COLUMNS})
+        for record in frame.to_dict("records")
+    ]

@@ -41,7 +41,7 @@ ProgressFn = Callable[[int, float], None]
 class TrainConfig:
     """Everything that determines the trained model (with the seed, bit for bit on CPU)."""
 
-    steps: int = 1500
+    steps: int = 400
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -63,7 +63,7 @@ class TrainConfig:
 
 # The demo model (`mm demo` and the slow retrieval test) and the fast test setting.
 DEMO_TRAIN_CONFIG = TrainConfig()
-FAST_TRAIN_CONFIG = TrainConfig(steps=150, images_per_combo=4, warmup_steps=15)
+FAST_TRAIN_CONFIG = TrainConfig(steps=100, images_per_combo=4, warmup_steps=15)
 
 
 @dataclass

@@ -80,6 +80,10 @@ class BaseTrainConfig:
     vae_learning_rate: float = 2e-3
     unet_learning_rate: float = 1e-3
     kl_weight: float = 1e-4
+    # per-channel gain/offset jitter for the VAE only: a tiny training set has a tiny
+    # palette, and an autoencoder that never saw a colour cannot decode it later (a LoRA
+    # subject on a new background colour would be invisible through it)
+    vae_color_jitter: float = 0.5
     # empty captions part of the time so classifier-free guidance has an unconditional mode
     caption_dropout: float = 0.1
     max_grad_norm: float = 1.0
@@ -417,7 +421,7 @@ def _train_vae(
     losses: list[float] = []
     batches = _batches(len(pixels), tcfg.batch_size, gen)
     for step in range(1, tcfg.vae_steps + 1):
-        x = pixels[next(batches)].to(device)
+        x = _color_jitter(pixels[next(batches)], tcfg.vae_color_jitter, gen).to(device)
         with autocast(device, amp_dtype):
             dist = vae.encode(x).latent_dist
             z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(device)
@@ -433,6 +437,15 @@ def _train_vae(
             progress(step, losses[-1])
     vae.eval().requires_grad_(False)
     return losses
+
+
+def _color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    if strength <= 0:
+        return x
+    shape = (x.shape[0], x.shape[1], 1, 1)
+    gain = 1 + strength * (2 * torch.rand(shape, generator=gen) - 1)
+    offset = strength * (2 * torch.rand(shape, generator=gen) - 1)
+    return (x * gain + offset).clamp(-1, 1)
 
 
 def _train_unet(

@@ -36,7 +36,11 @@ def embedded_dsn(data_dir: str | Path) -> str:
     The server is left running when this process exits so that the many short processes
     Dagster launches share one server instead of each paying for a start-up.
     """
-    import pgserver  # heavy import: only when the embedded server is wanted
+    import warnings
+
+    with warnings.catch_warnings():  # pgserver's lock dir falls back to /tmp: fine for us
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        import pgserver  # heavy import: only when the embedded server is wanted
 
     path = Path(data_dir).expanduser().resolve()
     with _lock:

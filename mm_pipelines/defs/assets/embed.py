@@ -5,7 +5,6 @@ import tempfile
 
 import dagster as dg
 import mlflow
-import numpy as np
 import pandas as pd
 
 from mm_pipelines.defs.assets.ingest import raw_media
@@ -261,21 +260,11 @@ def unified_embeddings(
 def vector_index(
     context: dg.AssetExecutionContext, unified_embeddings: pd.DataFrame, catalog_db: CatalogResource
 ) -> dg.MaterializeResult:
-    rows = [
-        vectors.VectorRow(**{c: _none(r[c]) for c in vectors.COLUMNS})
-        for r in unified_embeddings.to_dict("records")
-    ]
+    rows = batch_embedding.vector_rows(unified_embeddings)
     with catalog_db.connect() as conn:
         written = vectors.replace_batch(conn, context.partition_key, rows)
         total = vectors.count(conn)
     return dg.MaterializeResult(metadata={"vectors_written": written, "index_total": total})
-
-
-def _none(value):
-    """pandas turns missing numbers into NaN; the database wants NULL."""
-    if isinstance(value, float) and np.isnan(value):
-        return None
-    return value
 
 
 class RecallCheckConfig(dg.Config):
