@@ -18,6 +18,7 @@ from mm_pipelines.ml.projector import UnifiedProjector, mean_text_vectors
 from mm_pipelines.storage import embeddings, vectors
 from mm_pipelines.storage.embeddings import EmbeddingRow, Item
 from mm_pipelines.storage.media_store import MediaStore
+from mm_pipelines.storage.vectors import to_array
 
 _log = logging.getLogger(__name__)
 CLIP_KINDS = ("image", "video_frame", "caption", "text_doc", "transcript_segment")
@@ -219,13 +220,13 @@ def projector_pairs(
         "AND item_kind = 'video_frame'",
         (bundle.model_version,),
     ):
-        frames[parent].append((t, np.asarray(vec, np.float32)))
+        frames[parent].append((t, to_array(vec)))
 
     audio_vecs, texts, text_pairs, frame_pairs = [], [], [], []
     groups: list[str] = []
     for _key, h, start, end, part, vec in audio_rows:
         if part is None and h in said:  # the whole file <-> everything said in it
-            audio_vecs.append(np.asarray(vec, np.float32))
+            audio_vecs.append(to_array(vec))
             texts.append(said[h])
             text_pairs.append(len(audio_vecs) - 1)
             groups.append(h)
@@ -233,12 +234,12 @@ def projector_pairs(
         spoken = " ".join(t for s, e, t in segments.get(h, []) if s < end and e > start)
         shown = [v for t, v in frames.get(h, []) if start <= t < end]
         if spoken:
-            audio_vecs.append(np.asarray(vec, np.float32))
+            audio_vecs.append(to_array(vec))
             texts.append(spoken)
             text_pairs.append(len(audio_vecs) - 1)
             groups.append(h)
         elif shown:
-            audio_vecs.append(np.asarray(vec, np.float32))
+            audio_vecs.append(to_array(vec))
             frame_pairs.append((len(audio_vecs) - 1, np.mean(shown, axis=0)))
             groups.append(h)
     if not audio_vecs:
@@ -287,7 +288,7 @@ def unified_frame(
                     "projector_version": projector.version,
                 }
             )
-            raw.append(np.asarray(r["embedding"], np.float32))
+            raw.append(r["embedding"])
             spaces.append(_space(r["item_kind"]))
     frame = pd.DataFrame(rows)
     vectors: list[np.ndarray | None] = [None] * len(rows)

@@ -11,6 +11,8 @@ import numpy as np
 import psycopg
 from psycopg.rows import dict_row
 
+from mm_pipelines.storage.vectors import to_array
+
 
 @dataclass(frozen=True)
 class Item:
@@ -163,7 +165,7 @@ def save(conn: psycopg.Connection, rows: Iterable[EmbeddingRow]) -> int:
     if not rows:
         return 0
     cols = [f.name for f in fields(EmbeddingRow)]
-    types = ["text"] * 6 + ["float8", "float8", "int4", "text", "int4", "int4", "vector"]
+    types = ["text"] * 5 + ["float8", "float8", "int4", "text", "int4", "int4", "vector"]
     with conn.transaction():
         conn.execute(
             "DELETE FROM item_embeddings WHERE (item_key, encoder_version) IN "
@@ -195,4 +197,7 @@ def load(
                 [p.replace("%", r"\%").replace("_", r"\_") + ":%" for p in prefixes],
             ),
         )
-        return cur.fetchall()
+        rows = cur.fetchall()
+    for r in rows:
+        r["embedding"] = to_array(r["embedding"])
+    return rows

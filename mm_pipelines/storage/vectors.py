@@ -37,6 +37,13 @@ COLUMNS = (
 _TYPES = ["text"] * 7 + ["float8", "float8", "int4", "text", "text", "text", "vector"]
 
 
+def to_array(value: Any) -> np.ndarray:
+    """A pgvector value as read back (a `Vector`, or text) as float32 numpy."""
+    if hasattr(value, "to_numpy"):
+        return value.to_numpy().astype(np.float32)
+    return np.asarray(value, dtype=np.float32)
+
+
 @dataclass(frozen=True)
 class VectorRow:
     batch: str
@@ -215,6 +222,4 @@ def sample_embeddings(
         ).format(_vec(dim), sql.Literal(dim), sql.Literal(int(n))),
         (batch, batch),
     ).fetchall()
-    return (
-        np.stack([np.asarray(r[0], dtype=np.float32) for r in rows]) if rows else np.zeros((0, dim))
-    )
+    return np.stack([to_array(r[0]) for r in rows]) if rows else np.zeros((0, dim))
