@@ -19,7 +19,8 @@ from mm_pipelines.defs.resources import (
     LandingResource,
     MediaStoreResource,
 )
-from mm_pipelines.media.sample_data import SPEECH_DIR, read_audio, scene_frames, write_video
+from mm_pipelines.media.sample_data import SPEECH_DIR, scene_frames, write_video
+from mm_pipelines.ml.speech import load_audio
 
 SCENES = [("red", "circle", "blue"), ("green", "square", "white"), ("yellow", "cross", "black")]
 
@@ -29,7 +30,7 @@ def landing(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("landing")
     batch = root / "u1"
     batch.mkdir()
-    speech = read_audio(SPEECH_DIR / "clip_04.ogg")
+    speech = load_audio(SPEECH_DIR / "clip_04.ogg")
     write_video(batch / "talk.mp4", scene_frames(SCENES, 2.0, fps=10), fps=10, audio=speech)
     write_video(batch / "silent_film.mp4", scene_frames(SCENES[:2], 1.5, fps=10), fps=10)
     shutil.copyfile(SPEECH_DIR / "clip_06.ogg", batch / "memo.ogg")

@@ -29,9 +29,10 @@ from mm_pipelines.defs.resources import (
     MLflowResource,
     ModelsResource,
 )
-from mm_pipelines.media.sample_data import SPEECH_DIR, read_audio, scene_frames, write_video
+from mm_pipelines.media.sample_data import SPEECH_DIR, scene_frames, write_video
 from mm_pipelines.ml.search import QueryModels, search
 from mm_pipelines.ml.shapes import draw_shape
+from mm_pipelines.ml.speech import load_audio
 from mm_pipelines.storage import vectors
 from mm_pipelines.storage.postgres import connect
 
@@ -69,7 +70,7 @@ def indexed(tmp_path_factory, module_pg_dsn, demo_clip):
         manifest.append(
             {"path": f"img{i}.png", "caption": text, "tenant": "acme" if i < 4 else "globex"}
         )
-    speech = read_audio(SPEECH_DIR / "clip_04.ogg")
+    speech = load_audio(SPEECH_DIR / "clip_04.ogg")
     write_video(batch / "tour.mp4", scene_frames(SCENES, SCENE_S, fps=10), fps=10, audio=speech)
     manifest.append({"path": "tour.mp4", "tenant": "acme"})
     for clip in ("clip_02.ogg", "clip_06.ogg", "clip_07.ogg"):

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from mm_pipelines.ml.shapes import draw_shape
+from mm_pipelines.ml.speech import load_audio
 from mm_pipelines.storage.landing import MANIFEST, READY_MARKER
 
 SPEECH_DIR = resources.files("mm_pipelines.media") / "samples" / "speech"
@@ -106,17 +107,6 @@ def _encode_audio(out, stream, audio: np.ndarray, sample_rate: int) -> None:
         out.mux(packet)
 
 
-def read_audio(path: Path | str, sample_rate: int = 16000) -> np.ndarray:
-    """Decode any audio file to mono float32 at `sample_rate`."""
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-    parts = []
-    with av.open(str(path)) as container:
-        for frame in container.decode(audio=0):
-            parts.extend(f.to_ndarray().ravel() for f in resampler.resample(frame))
-    parts.extend(f.to_ndarray().ravel() for f in resampler.resample(None))
-    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
-
-
 def scene_frames(
     scenes: Sequence[tuple[str, str, str]],
     seconds_each: float,
@@ -165,7 +155,7 @@ def write_sample_batch(
 
     clips = speech_clips()
     for name, scenes, clip in _VIDEOS:
-        speech = read_audio(SPEECH_DIR / clip)
+        speech = load_audio(SPEECH_DIR / clip)
         seconds = max(2.0, len(speech) / 16000 / len(scenes) + 0.5)
         write_video(
             root / "video" / name, scene_frames(scenes, seconds, fps=10), fps=10, audio=speech
