@@ -77,10 +77,10 @@ def mm_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny CLIP trained exactly as `mm demo` trains it (once per test session)."""
+def demo_clip(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny CLIP trained exactly as `mm demo` trains it (once per test session);
+    a TrainResult whose `checkpoint_path` holds the weights."""
     from mm_pipelines.ml.clip_train import DEMO_TRAIN_CONFIG, train_clip
 
     path = tmp_path_factory.mktemp("demo_clip") / "open_clip_model.safetensors"
-    train_clip(DEMO_TRAIN_CONFIG, device="cpu", checkpoint_path=path)
-    return path
+    return train_clip(DEMO_TRAIN_CONFIG, device="cpu", checkpoint_path=path)

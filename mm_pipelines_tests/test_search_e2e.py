@@ -80,7 +80,9 @@ def indexed(tmp_path_factory, module_pg_dsn, demo_clip):
     (batch / "_READY").touch()
 
     s3 = S3Resource()
-    models = ModelsResource(models_dir=str(root / "models"), clip_checkpoint=str(demo_clip))
+    models = ModelsResource(
+        models_dir=str(root / "models"), clip_checkpoint=str(demo_clip.checkpoint_path)
+    )
     resources = {
         "catalog_db": CatalogResource(dsn=module_pg_dsn),
         "landing": LandingResource(uri=str(root / "landing"), s3=s3),

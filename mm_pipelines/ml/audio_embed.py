@@ -207,10 +207,3 @@ def embed_windows(
         ends_s=np.array([e / SAMPLE_RATE for _, e in bounds]),
         model_version=encoder.model_version,
     )
-
-
-def load_audio(path: str | os.PathLike) -> np.ndarray:
-    """Decode any audio/video file's sound to 16 kHz mono float32 (PyAV, via faster-whisper)."""
-    from faster_whisper.audio import decode_audio
-
-    return decode_audio(str(path), sampling_rate=SAMPLE_RATE)

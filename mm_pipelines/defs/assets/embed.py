@@ -1,5 +1,6 @@
 """The embed group: encoders, the unified space and the pgvector index."""
 
+import dataclasses
 import shutil
 import tempfile
 
@@ -54,7 +55,9 @@ def clip_model(
         return dg.MaterializeResult(
             metadata={"model_version": bundle.model_version, "trained_here": False}
         )
-    train_config = clip_train.TrainConfig(steps=config.steps, seed=config.seed)
+    train_config = dataclasses.replace(
+        clip_train.DEMO_TRAIN_CONFIG, steps=config.steps, seed=config.seed
+    )
     target = models.demo_clip_path()
     target.parent.mkdir(parents=True, exist_ok=True)
     with mlflow_tracking.start_run(context) as run:
