@@ -100,6 +100,11 @@ def main() -> None:
             conn.execute("TRUNCATE unified_vectors")
             conn.commit()
             t = time.perf_counter()
+            execute_loop_load(conn, small)
+            loop_s = (time.perf_counter() - t) * args.n / len(small)
+            conn.execute("TRUNCATE unified_vectors")
+            conn.commit()
+            t = time.perf_counter()
             with conn.transaction():
                 vectors.copy_rows(conn, rows)
             copy_s = time.perf_counter() - t
@@ -131,6 +136,8 @@ def main() -> None:
                     "executemany_s_scaled": round(executemany_s, 2),
                     "executemany_measured_rows": args.executemany_n,
                     "ratio_copy_speedup": round(executemany_s / copy_s, 1),
+                    "execute_per_row_s_scaled": round(loop_s, 2),
+                    "ratio_copy_vs_execute_per_row": round(loop_s / copy_s, 1),
                     "hnsw_build_s": round(index_s, 1),
                 },
                 "query": {

@@ -171,18 +171,35 @@ def search(
     stmt = sql.SQL("SELECT *, 1 - distance AS score FROM ({}) AS hits ORDER BY distance").format(
         inner
     )
+    if exact:
+        mode = {"enable_indexscan": "off", "enable_bitmapscan": "off"}
+    else:
+        mode = {
+            "hnsw.ef_search": str(int(ef_search)),
+            "hnsw.iterative_scan": "relaxed_order" if iterative else "off",
+        }
+    # SET LOCAL lasts to the end of the caller's transaction, not of our savepoint:
+    # restore the defaults afterwards so that one query's mode never leaks into the next
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-        if exact:
-            cur.execute("SET LOCAL enable_indexscan = off")
-            cur.execute("SET LOCAL enable_bitmapscan = off")
-        else:
-            cur.execute(
-                sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(int(ef_search)))
-            )
-            mode = "relaxed_order" if iterative else "off"
-            cur.execute(sql.SQL("SET LOCAL hnsw.iterative_scan = {}").format(sql.Literal(mode)))
-        cur.execute(stmt, [q, *params, q])
-        return cur.fetchall()
+        _set_local(cur, mode)
+        # never a cached plan: one planned under the other mode would ignore these settings
+        cur.execute(stmt, [q, *params, q], prepare=False)
+        rows = cur.fetchall()
+        _set_local(cur, _SEARCH_DEFAULTS)
+    return rows
+
+
+_SEARCH_DEFAULTS = {
+    "enable_indexscan": "on",
+    "enable_bitmapscan": "on",
+    "hnsw.ef_search": "40",
+    "hnsw.iterative_scan": "off",
+}
+
+
+def _set_local(cur: psycopg.Cursor, settings: dict[str, str]) -> None:
+    for name, value in settings.items():
+        cur.execute("SELECT set_config(%s, %s, true)", (name, value))
 
 
 def recall_at_k(
