@@ -45,13 +45,23 @@ def make_rows(x: np.ndarray, batch: str) -> list[VectorRow]:
     ]
 
 
+INSERT = (
+    f"INSERT INTO unified_vectors ({', '.join(vectors.COLUMNS)}) "
+    f"VALUES ({', '.join(['%s'] * len(vectors.COLUMNS))})"
+)
+
+
 def executemany_load(conn: psycopg.Connection, rows: list[VectorRow]) -> None:
-    cols = ", ".join(vectors.COLUMNS)
-    marks = ", ".join(["%s"] * len(vectors.COLUMNS))
+    """One INSERT per row through psycopg's executemany (pipelined round trips)."""
     with conn.transaction(), conn.cursor() as cur:
-        cur.executemany(
-            f"INSERT INTO unified_vectors ({cols}) VALUES ({marks})", [r.values() for r in rows]
-        )
+        cur.executemany(INSERT, [r.values() for r in rows])
+
+
+def execute_loop_load(conn: psycopg.Connection, rows: list[VectorRow]) -> None:
+    """Row by row with a round trip each: what a naive loader does."""
+    with conn.transaction(), conn.cursor() as cur:
+        for r in rows:
+            cur.execute(INSERT, r.values())
 
 
 def latencies(conn, queries, filters, **kwargs) -> tuple[float, float]:
