@@ -72,7 +72,7 @@ def _printable(outcome: dict) -> dict:
 DEMO_QUERIES = [
     "a red circle on a blue background",
     "a yellow cross on a black background",
-    "check the shipping address before you confirm your order",
+    "customer support is available every day",
 ]
 
 

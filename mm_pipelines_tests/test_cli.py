@@ -24,19 +24,32 @@ def test_sample_data_writes_every_modality_and_a_ready_marker(tmp_path):
     assert (root / "_READY").exists() and (root / "_manifest.jsonl").exists()
 
 
-def test_demo_ingests_the_sample_batch_and_prints_a_summary(tmp_path):
-    env = {**os.environ, "MM_HOME": str(tmp_path / "mm")}
+def test_demo_runs_the_graph_and_searches_the_sample_batch(tmp_path, demo_clip):
+    # the demo CLIP of this test session stands in for the one `mm demo` would train
+    env = {
+        **os.environ,
+        "MM_HOME": str(tmp_path / "mm"),
+        "MM_CLIP_CHECKPOINT": str(demo_clip.checkpoint_path),
+    }
     env.pop("DAGSTER_HOME", None)
     try:
         proc = run_mm("demo", env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        summary = json.loads(proc.stdout[proc.stdout.index("{\n") : proc.stdout.rindex("}") + 1])
+        summary = json.loads(proc.stdout[proc.stdout.index("{\n") : proc.stdout.index("\n}\n") + 2])
     finally:
         run_mm("db", "stop", env=env)
     raw = summary["assets"]["raw_media"]
     assert set(raw["by_modality"]) == {"image", "video", "audio", "text"}
     assert raw["quarantined_by_reason"] == {"empty_file": 1, "truncated": 1, "unsupported_type": 1}
     assert raw["duplicates"] == 1
-    assert summary["checks"] == {"objects_intact": True, "quarantine_rate": True}
+    assert summary["checks"] == {
+        "objects_intact": True,
+        "quarantine_rate": True,
+        "ann_recall": True,
+    }
+    assert summary["assets"]["vector_index"]["vectors_written"] > 50
+    first_search = proc.stdout.split("$ mm search 'a red circle on a blue background'")[1]
+    top_image = next(line for line in first_search.splitlines() if line.strip().startswith("image"))
+    assert "red_circle_on_blue" in top_image or "copy_of_first_photo" in top_image
     assert "mm dev" in proc.stdout
     assert (tmp_path / "mm" / "dagster" / "dagster.yaml").exists()

@@ -163,8 +163,10 @@ def write_sample_batch(
         manifest.append({"path": f"video/{name}", "caption": clips[clip], "tenant": tenant})
     for clip in ("clip_01.ogg", "clip_03.ogg", "clip_05.ogg"):
         shutil.copyfile(SPEECH_DIR / clip, root / "audio" / clip)
+        manifest.append({"path": f"audio/{clip}", "tenant": tenant})
     for rel, text in _TEXTS.items():
         (root / rel).write_text(text, encoding="utf-8")
+        manifest.append({"path": rel, "tenant": tenant})
 
     _write_broken_files(root / "broken")
     with open(root / MANIFEST, "w", encoding="utf-8") as f:
