@@ -140,7 +140,9 @@ def _run_batch(
 
 def _default_size(pipeline: Any) -> int:
     """The denoiser's native resolution (UNet sample size x VAE scale factor)."""
-    denoiser = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+    denoiser = getattr(pipeline, "unet", None)
+    if denoiser is None:
+        denoiser = getattr(pipeline, "transformer", None)
     sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
     if isinstance(sample, int) and hasattr(pipeline, "vae_scale_factor"):
         return sample * int(pipeline.vae_scale_factor)

@@ -77,6 +77,8 @@ class LoraTrainConfig:
     train_text_encoder: bool = False
     text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     max_grad_norm: float = 1.0
+    noise_offset: float = 0.0  # diffusers' option; helps subjects that change overall colour
+    snr_gamma: float | None = None  # Min-SNR weighting (diffusers' option), e.g. 5.0
     # checkpointing / resume
     checkpoint_every: int = 100  # 0 = never
     keep_checkpoints: int = 2
@@ -108,6 +110,8 @@ class LoraTrainConfig:
             "train_text_encoder",
             "text_encoder_target_modules",
             "prior_loss_weight",
+            "noise_offset",
+            "snr_gamma",
         )
         return json.loads(json.dumps({k: getattr(self, k) for k in keys}))
 
@@ -438,6 +442,9 @@ def train_lora(
     )
     gen = torch.Generator().manual_seed(cfg.seed)
     state, resumed_from = _State(), None
+    if not cfg.resume:  # stale checkpoints of an older run would win "latest" later on
+        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(output_dir / "best", ignore_errors=True)
     ckpt = latest_checkpoint(output_dir) if cfg.resume else None
     if ckpt is not None:
         state = _load_checkpoint(ckpt, pipeline, optimizer, scaler, gen, cfg)
@@ -566,7 +573,14 @@ def _micro_step_loss(
         latents.append(sample_latents(data.cls_mean[cidx], data.cls_std[cidx], scaling, gen))
         emb.append(_embeddings(pipeline, data.cls_emb, data.cls_ids, cidx, weight_dtype))
     per_sample = diffusion_loss(
-        pipeline.unet, noise_scheduler, torch.cat(latents), torch.cat(emb), gen, weight_dtype
+        pipeline.unet,
+        noise_scheduler,
+        torch.cat(latents),
+        torch.cat(emb),
+        gen,
+        weight_dtype,
+        cfg.noise_offset,
+        cfg.snr_gamma,
     )
     loss = per_sample[: cfg.batch_size].mean()
     if prior:

@@ -7,6 +7,8 @@ import the fixtures they use from here, which pytest then registers in that modu
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,16 +27,18 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (15, 15, 15),
     "gray": (128, 128, 128),
+    "blue": (40, 70, 200),
+    "green": (40, 160, 70),
 }
 SHAPES = ("circle", "square", "triangle")
 
-# The LoRA subject: a background colour the base model never sees.
-SUBJECT_BACKGROUND = (170, 40, 200)  # purple
+# The LoRA subject: a background colour the base model never sees (no warm backgrounds).
+SUBJECT_BACKGROUND = (240, 140, 20)  # orange
 SUBJECT_PROMPT = "a photo of sks"
 
 RESOLUTION = 32
 # Kept small: the whole file must run in well under 4 minutes on 2 shared cores.
-BASE_TRAIN = BaseTrainConfig(vae_steps=250, unet_steps=500, batch_size=16, seed=0)
+BASE_TRAIN = BaseTrainConfig(vae_steps=500, unet_steps=300, seed=0)
 
 
 def draw_shape(
@@ -59,13 +63,15 @@ def draw_shape(
     return im
 
 
-def shapes_dataset(n_per_combo: int = 2, seed: int = 0) -> tuple[list[Image.Image], list[str]]:
+def shapes_dataset(n_per_combo: int = 1, seed: int = 0) -> tuple[list[Image.Image], list[str]]:
     """colours x shapes x backgrounds, with captions."""
     rng = random.Random(seed)
     images, captions = [], []
     for cname, colour in COLOURS.items():
         for shape in SHAPES:
             for bname, bg in BACKGROUNDS.items():
+                if bname == cname:
+                    continue
                 for _ in range(n_per_combo):
                     images.append(draw_shape(shape, colour, bg, rng))
                     captions.append(f"a {cname} {shape} on a {bname} background")
@@ -82,19 +88,40 @@ def subject_images(n: int = 8, seed: int = 1) -> list[Image.Image]:
     ]
 
 
+@contextmanager
+def torch_threads(n: int = 1) -> Iterator[None]:
+    """Run with `n` intra-op threads, then restore.
+
+    These models are tiny: a second thread buys little, and on a 2-core machine shared
+    with other jobs the oversubscribed thread pools made training ~4x slower (measured:
+    base training 609 s with 2 threads vs 157 s with 1 under the same load).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def make_base_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Train the tiny base pipeline on the shapes set and save it (~1-2 CPU minutes)."""
+    images, captions = shapes_dataset()
+    out = tmp_path_factory.mktemp("base_pipeline")
+    with torch_threads(1):
+        result = train_base_pipeline(
+            images,
+            captions,
+            model_config=TinyDiffusionConfig(resolution=RESOLUTION),
+            train_config=BASE_TRAIN,
+            device="cpu",
+            output_dir=out,
+        )
+    assert result.unet_losses[-1] < result.unet_losses[0]
+    return out
+
+
 @pytest.fixture(scope="session")
 def base_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny base pipeline, trained once per test session and saved to disk."""
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    images, captions = shapes_dataset()
-    out = tmp_path_factory.mktemp("base_pipeline")
-    result = train_base_pipeline(
-        images,
-        captions,
-        model_config=TinyDiffusionConfig(resolution=RESOLUTION),
-        train_config=BASE_TRAIN,
-        device="cpu",
-        output_dir=out,
-    )
-    assert result.unet_losses[-1] < result.unet_losses[0]
-    return out
+    return make_base_pipeline_dir(tmp_path_factory)
