@@ -19,6 +19,9 @@ demo: $(STAMP)
 	$(BIN)/mm demo
 
 test: $(STAMP)
+	# the browser test's headless Chromium: a system package (CI runs as root on Debian)
+	command -v chromium >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	$(BIN)/pytest
 
 dev: $(STAMP)

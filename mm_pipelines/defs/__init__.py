@@ -19,6 +19,7 @@ from mm_pipelines.defs.assets.embed import (  # noqa: E402
 from mm_pipelines.defs.assets.ingest import objects_intact, quarantine_rate, raw_media  # noqa: E402
 from mm_pipelines.defs.assets.understand import transcripts, video_frames  # noqa: E402
 from mm_pipelines.defs.jobs import batch_pipeline, train_clip_job, train_projector_job  # noqa: E402
+from mm_pipelines.defs.k8s import executor_from_env  # noqa: E402
 from mm_pipelines.defs.resources import build_resources  # noqa: E402
 from mm_pipelines.defs.sensors import landing_sensor  # noqa: E402
 
@@ -38,4 +39,5 @@ defs = dg.Definitions(
     jobs=[batch_pipeline, train_clip_job, train_projector_job],
     sensors=[landing_sensor],
     resources=build_resources(),
+    executor=executor_from_env(),  # k8s_job_executor (one pod per step) when MM_EXECUTOR=k8s
 )

@@ -81,7 +81,6 @@ class ComputeResource(dg.ConfigurableResource):
     batch_size: int = 32
     dataloader_workers: int = 2
     io_workers: int = Field(default=4, description="threads for hashing/copying files")
-    gpus_per_step: int = Field(default=1, description="GPU request of a GPU step on k8s")
 
     def torch_device(self) -> str:
         if self.device != "auto":

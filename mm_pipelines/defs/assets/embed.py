@@ -10,6 +10,7 @@ import pandas as pd
 
 from mm_pipelines.defs.assets.ingest import raw_media
 from mm_pipelines.defs.assets.understand import transcripts, video_frames
+from mm_pipelines.defs.k8s import gpu_op_tags
 from mm_pipelines.defs.partitions import batch_partitions
 from mm_pipelines.defs.resources import (
     CatalogResource,
@@ -39,6 +40,7 @@ class ClipModelConfig(dg.Config):
     group_name="embed",
     kinds={"pytorch", "mlflow"},
     pool="gpu",
+    op_tags=gpu_op_tags(),
     description="The CLIP model everything is embedded with. With MM_CLIP_CHECKPOINT set it "
     "is that model, checked to load; otherwise the demo's tiny CLIP, trained here on drawn, "
     "captioned shapes, logged to MLflow and registered as `mm-clip`.",
@@ -102,6 +104,7 @@ class EmbedConfig(dg.Config):
     group_name="embed",
     kinds={"pytorch", "postgres"},
     pool="gpu",
+    op_tags=gpu_op_tags(),
     retry_policy=_RETRY,
     description="CLIP vectors of the batch's images, video frames, captions, text documents "
     "(chunked, never truncated) and transcript segments.",
@@ -137,6 +140,7 @@ def clip_embeddings(
     group_name="embed",
     kinds={"pytorch", "postgres"},
     pool="gpu",
+    op_tags=gpu_op_tags(),
     retry_policy=_RETRY,
     description="Acoustic vectors (Whisper encoder, mean-pooled) of the batch's audio files "
     "and video sound tracks: one per file and one per 2 s window.",
@@ -162,6 +166,7 @@ def audio_embeddings(
     group_name="embed",
     kinds={"pytorch", "mlflow"},
     pool="gpu",
+    op_tags=gpu_op_tags(),
     description="Projection heads into one space (CLIP's): identity for images and text, a "
     "learned head for audio, trained on speech<->transcript and sound<->frame pairs from all "
     "batches. Logged to MLflow and registered as `mm-unified-projector`.",

@@ -9,6 +9,7 @@ import dagster as dg
 from PIL import Image
 
 from mm_pipelines.defs.assets.ingest import raw_media
+from mm_pipelines.defs.k8s import gpu_op_tags
 from mm_pipelines.defs.partitions import batch_partitions
 from mm_pipelines.defs.resources import CatalogResource, ComputeResource, MediaStoreResource
 from mm_pipelines.ml import frames as fr
@@ -140,6 +141,7 @@ class TranscriptsConfig(dg.Config):
     group_name="understand",
     kinds={"python", "pytorch"},
     pool="gpu",
+    op_tags=gpu_op_tags(),
     retry_policy=_RETRY,
     description="Whisper transcripts (segments, words, language) of the batch's audio files "
     "and video sound tracks, keyed by content hash + model version.",
