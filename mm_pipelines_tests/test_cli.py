@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 MM = str(Path(sys.executable).parent / "mm")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_mm(*args: str, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -24,20 +27,22 @@ def test_sample_data_writes_every_modality_and_a_ready_marker(tmp_path):
     assert (root / "_READY").exists() and (root / "_manifest.jsonl").exists()
 
 
-def test_demo_runs_the_graph_and_searches_the_sample_batch(tmp_path, demo_clip):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, demo_clip):
+    """`mm demo` run once in a fresh MM_HOME; (finished process, its environment)."""
+    home = tmp_path_factory.mktemp("demo") / "mm"
     # the demo CLIP of this test session stands in for the one `mm demo` would train
-    env = {
-        **os.environ,
-        "MM_HOME": str(tmp_path / "mm"),
-        "MM_CLIP_CHECKPOINT": str(demo_clip.checkpoint_path),
-    }
+    env = {**os.environ, "MM_HOME": str(home), "MM_CLIP_CHECKPOINT": str(demo_clip.checkpoint_path)}
     env.pop("DAGSTER_HOME", None)
-    try:
-        proc = run_mm("demo", env=env)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        summary = json.loads(proc.stdout[proc.stdout.index("{\n") : proc.stdout.index("\n}\n") + 2])
-    finally:
-        run_mm("db", "stop", env=env)
+    proc = run_mm("demo", env=env)
+    yield proc, env
+    run_mm("db", "stop", env=env)
+
+
+def test_demo_runs_the_graph_and_searches_the_sample_batch(demo):
+    proc, env = demo
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{\n") : proc.stdout.index("\n}\n") + 2])
     raw = summary["assets"]["raw_media"]
     assert set(raw["by_modality"]) == {"image", "video", "audio", "text"}
     assert raw["quarantined_by_reason"] == {"empty_file": 1, "truncated": 1, "unsupported_type": 1}
@@ -52,4 +57,21 @@ def test_demo_runs_the_graph_and_searches_the_sample_batch(tmp_path, demo_clip):
     top_image = next(line for line in first_search.splitlines() if line.strip().startswith("image"))
     assert "red_circle_on_blue" in top_image or "copy_of_first_photo" in top_image
     assert "mm dev" in proc.stdout
-    assert (tmp_path / "mm" / "dagster" / "dagster.yaml").exists()
+    assert (Path(env["MM_HOME"]) / "dagster" / "dagster.yaml").exists()
+
+
+def test_the_search_notebook_runs_top_to_bottom_on_the_demo_state(demo, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    proc, env = demo
+    assert proc.returncode == 0
+    for name in ("MM_HOME", "MM_CLIP_CHECKPOINT"):
+        monkeypatch.setenv(name, env[name])  # the kernel inherits this environment
+    notebook = nbformat.read(REPO / "notebooks" / "01_catalog_and_search.ipynb", as_version=4)
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+    ).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+    assert "data:image/png;base64," in html and "a red circle on a blue background" in html
