@@ -138,7 +138,7 @@ def indexed(tmp_path_factory, module_pg_dsn, demo_clip):
             selection=dg.AssetSelection.assets(unified_embeddings, vector_index),
         )
     query_models = QueryModels.load(
-        models.clip_architecture, str(demo_clip), models.projector_path()
+        models.clip_architecture, str(demo_clip.checkpoint_path), models.projector_path()
     )
     return {"dsn": module_pg_dsn, "models": query_models, "runs": (last, again)}
 
