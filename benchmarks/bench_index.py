@@ -64,6 +64,18 @@ def execute_loop_load(conn: psycopg.Connection, rows: list[VectorRow]) -> None:
             cur.execute(INSERT, r.values())
 
 
+def ids(conn, queries, filters, **kwargs) -> list[set[int]]:
+    return [{r["id"] for r in vectors.search(conn, q, 10, filters, **kwargs)} for q in queries]
+
+
+def overlap(truth: list[set[int]], got: list[set[int]]) -> float:
+    return round(
+        sum(len(t & g) for t, g in zip(truth, got, strict=True))
+        / max(1, sum(len(t) for t in truth)),
+        4,
+    )
+
+
 def latencies(conn, queries, filters, **kwargs) -> tuple[float, float]:
     times = []
     for q in queries:
@@ -78,6 +90,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--ef-search", type=int, nargs="+", default=[40, 100, 200, 400])
     parser.add_argument(
         "--executemany-n",
         type=int,
@@ -125,13 +138,35 @@ def main() -> None:
             conn.commit()
 
             exact_p50, exact_p99 = latencies(conn, queries, None, exact=True)
-            hnsw_p50, hnsw_p99 = latencies(conn, queries, None)
-            recall = vectors.recall_at_k(conn, queries, 10)
             tenant = Filters(tenant="tenant3")
-            filt_iter = vectors.recall_at_k(conn, queries, 10, tenant, iterative=True)
-            filt_plain = vectors.recall_at_k(conn, queries, 10, tenant, iterative=False)
-            fi_p50, _ = latencies(conn, queries, tenant, iterative=True)
             fe_p50, _ = latencies(conn, queries, tenant, exact=True)
+            truth = ids(conn, queries, None, exact=True)
+            truth_tenant = ids(conn, queries, tenant, exact=True)
+            sweep, filtered = [], []
+            for ef in args.ef_search:
+                p50, p99 = latencies(conn, queries, None, ef_search=ef)
+                sweep.append(
+                    {
+                        "ef_search": ef,
+                        "p50_ms": round(p50, 2),
+                        "p99_ms": round(p99, 2),
+                        "ratio_vs_exact": round(p50 / exact_p50, 4),
+                        "recall_at_10": overlap(truth, ids(conn, queries, None, ef_search=ef)),
+                    }
+                )
+                fi_p50, _ = latencies(conn, queries, tenant, ef_search=ef)
+                filtered.append(
+                    {
+                        "ef_search": ef,
+                        "iterative_p50_ms": round(fi_p50, 2),
+                        "recall_at_10_iterative": overlap(
+                            truth_tenant, ids(conn, queries, tenant, ef_search=ef)
+                        ),
+                        "recall_at_10_without_iterative": overlap(
+                            truth_tenant, ids(conn, queries, tenant, ef_search=ef, iterative=False)
+                        ),
+                    }
+                )
         server.cleanup()
 
     print(
@@ -153,17 +188,9 @@ def main() -> None:
                 "query": {
                     "exact_p50_ms": round(exact_p50, 2),
                     "exact_p99_ms": round(exact_p99, 2),
-                    "hnsw_p50_ms": round(hnsw_p50, 2),
-                    "hnsw_p99_ms": round(hnsw_p99, 2),
-                    "ratio_hnsw_vs_exact_latency": round(hnsw_p50 / exact_p50, 3),
-                    "recall_at_10": round(recall, 4),
+                    "hnsw_by_ef_search": sweep,
                 },
-                "tenant_filter_10pct": {
-                    "recall_at_10_iterative": round(filt_iter, 4),
-                    "recall_at_10_without_iterative": round(filt_plain, 4),
-                    "iterative_p50_ms": round(fi_p50, 2),
-                    "exact_p50_ms": round(fe_p50, 2),
-                },
+                "tenant_filter_10pct": {"exact_p50_ms": round(fe_p50, 2), "by_ef_search": filtered},
                 "targets": {
                     "ratio_copy_speedup": ">= 10",
                     "recall_at_10": ">= 0.95",
