@@ -1,11 +1,15 @@
-"""The embed group: encoders, the unified space and the pgvector index."""
+"""The embed group: encoders, the unified space and the pgvector index.
+
+torch, open_clip and mlflow are imported inside the asset bodies: every Dagster process
+(webserver, daemon, each run worker, each k8s step pod) loads this module, and importing
+them at module level added ~20 s to each of those starts."""
 
 import dataclasses
 import shutil
 import tempfile
+from typing import TYPE_CHECKING
 
 import dagster as dg
-import mlflow
 import pandas as pd
 
 from mm_pipelines.defs.assets.ingest import raw_media
@@ -19,20 +23,24 @@ from mm_pipelines.defs.resources import (
     MLflowResource,
     ModelsResource,
 )
-from mm_pipelines.ml import audio_embed, batch_embedding, clip_models, clip_train, speech
-from mm_pipelines.ml import projector as proj
+from mm_pipelines.ml import speech
 from mm_pipelines.storage import embeddings, vectors
+
+if TYPE_CHECKING:
+    from mm_pipelines.ml import clip_models
 
 _RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 
 
-def load_clip(models: ModelsResource, compute: ComputeResource) -> clip_models.ClipBundle:
+def load_clip(models: ModelsResource, compute: ComputeResource) -> "clip_models.ClipBundle":
+    from mm_pipelines.ml import clip_models
+
     architecture, checkpoint = models.clip_source()
     return clip_models.load_clip(architecture, checkpoint, device=compute.torch_device())
 
 
 class ClipModelConfig(dg.Config):
-    steps: int = clip_train.DEMO_TRAIN_CONFIG.steps
+    steps: int | None = None  # None: the demo setting (clip_train.DEMO_TRAIN_CONFIG)
     seed: int = 0
 
 
@@ -52,13 +60,19 @@ def clip_model(
     compute: ComputeResource,
     mlflow_tracking: MLflowResource,
 ) -> dg.MaterializeResult:
+    import mlflow
+
+    from mm_pipelines.ml import clip_models, clip_train
+
     if models.clip_checkpoint:
         bundle = load_clip(models, compute)
         return dg.MaterializeResult(
             metadata={"model_version": bundle.model_version, "trained_here": False}
         )
     train_config = dataclasses.replace(
-        clip_train.DEMO_TRAIN_CONFIG, steps=config.steps, seed=config.seed
+        clip_train.DEMO_TRAIN_CONFIG,
+        steps=config.steps or clip_train.DEMO_TRAIN_CONFIG.steps,
+        seed=config.seed,
     )
     target = models.demo_clip_path()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -117,6 +131,8 @@ def clip_embeddings(
     models: ModelsResource,
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
+    from mm_pipelines.ml import batch_embedding
+
     bundle = load_clip(models, compute)
     with catalog_db.connect() as conn:
         items = embeddings.batch_items(
@@ -152,6 +168,8 @@ def audio_embeddings(
     models: ModelsResource,
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
+    from mm_pipelines.ml import audio_embed, batch_embedding
+
     encoder = audio_embed.load_whisper_encoder(models.whisper_model, device=compute.torch_device())
     with catalog_db.connect() as conn:
         items = embeddings.batch_items(conn, context.partition_key, None)
@@ -178,6 +196,11 @@ def unified_projector(
     compute: ComputeResource,
     mlflow_tracking: MLflowResource,
 ) -> dg.MaterializeResult:
+    import mlflow
+
+    from mm_pipelines.ml import audio_embed, batch_embedding
+    from mm_pipelines.ml import projector as proj
+
     bundle = load_clip(models, compute)
     audio_version = audio_embed.load_whisper_encoder(models.whisper_model).model_version
     with catalog_db.connect() as conn:
@@ -234,6 +257,9 @@ def unified_embeddings(
     models: ModelsResource,
     compute: ComputeResource,
 ) -> dg.Output[pd.DataFrame]:
+    from mm_pipelines.ml import batch_embedding
+    from mm_pipelines.ml import projector as proj
+
     projector = proj.load_projector(models.projector_path(), device=compute.torch_device())
     with catalog_db.connect() as conn:
         items = embeddings.batch_items(
@@ -268,6 +294,8 @@ def unified_embeddings(
 def vector_index(
     context: dg.AssetExecutionContext, unified_embeddings: pd.DataFrame, catalog_db: CatalogResource
 ) -> dg.MaterializeResult:
+    from mm_pipelines.ml import batch_embedding
+
     rows = batch_embedding.vector_rows(unified_embeddings)
     with catalog_db.connect() as conn:
         written = vectors.replace_batch(conn, context.partition_key, rows)
