@@ -26,12 +26,17 @@ def run_job(job: str, partition: str | None = None, assets: list[str] | None = N
 
     settings.prepare_dagster_home()
     from mm_pipelines.defs import defs
-    from mm_pipelines.defs.partitions import batch_partitions
 
     instance = dg.DagsterInstance.get()
-    if partition and not instance.has_dynamic_partition(batch_partitions.name, partition):
-        instance.add_dynamic_partitions(batch_partitions.name, [partition])
-    result = defs.resolve_job_def(job).execute_in_process(
+    job_def = defs.resolve_job_def(job)
+    pdef = job_def.partitions_def
+    if (
+        partition
+        and isinstance(pdef, dg.DynamicPartitionsDefinition)
+        and not instance.has_dynamic_partition(pdef.name, partition)
+    ):
+        instance.add_dynamic_partitions(pdef.name, [partition])
+    result = job_def.execute_in_process(
         partition_key=partition,
         instance=instance,
         raise_on_error=False,
@@ -101,6 +106,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not models.projector_dir and not (models.root() / "projector" / "CURRENT").exists():
         steps.append(("train_projector", None, None))
     steps.append(("batch_pipeline", args.batch, ["unified_embeddings", "vector_index"]))
+    if not args.no_lora:
+        steps += _lora_demo_steps(models)
     outcome: dict = {"assets": {}, "checks": {}}
     for job, partition, assets in steps:
         print(f"running {job}{f' [{partition}]' if partition else ''} ...", flush=True)
@@ -111,6 +118,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             print(json.dumps({"failed": job, "errors": result["failures"]}, indent=2))
             return 1
     print(json.dumps({"batch": args.batch, **_printable(outcome)}, indent=2))
+    if not args.no_lora:
+        _print_quality(outcome)
     print("\nSample searches over the demo index:")
     for query in DEMO_QUERIES:
         print(f"\n$ mm search {query!r}")
@@ -120,6 +129,40 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"  DAGSTER_HOME={settings.dagster_home()}  ->  http://127.0.0.1:3000"
     )
     return 0
+
+
+def _lora_demo_steps(models) -> list[tuple[str, str | None, list[str] | None]]:
+    """The demo subject, declared in the subjects file, trained, generated and evaluated."""
+    from mm_pipelines import subjects
+
+    path = subjects.ensure_subject(subjects.DEMO_SUBJECT)
+    print(f"demo subject {subjects.DEMO_SUBJECT['name']!r} declared in {path}", flush=True)
+    steps: list[tuple[str, str | None, list[str] | None]] = []
+    base_pointer = models.root() / "diffusion-base" / "CURRENT"
+    if not models.diffusion_base and not base_pointer.exists():
+        print("training the demo diffusion base model (a few minutes on a CPU) ...", flush=True)
+        steps.append(("train_diffusion_base", None, None))
+    steps.append(("subject_pipeline", subjects.DEMO_SUBJECT["name"], None))
+    return steps
+
+
+def _print_quality(outcome: dict) -> None:
+    quality = outcome["assets"].get("generation_quality", {})
+    if not quality:
+        return
+    print(f"\nQuality of the {subjects_demo_name()!r} adapter vs its base model (same seeds):")
+    for metric in ("clip_score", "fid", "kid_mean"):
+        base, adapter = quality.get(f"base_{metric}"), quality.get(f"adapter_{metric}")
+        if base is not None and adapter is not None:
+            print(f"  {metric:<10} base {base:8.3f}   adapter {adapter:8.3f}")
+    gate = outcome["checks"].get("quality_gates")
+    print(f"  quality gates: {'passed (model version marked candidate)' if gate else 'FAILED'}")
+
+
+def subjects_demo_name() -> str:
+    from mm_pipelines import subjects
+
+    return str(subjects.DEMO_SUBJECT["name"])
 
 
 def _search(
@@ -229,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("demo", help="write the sample batch and run the pipeline on it")
     p.add_argument("--batch", default="demo-0001")
+    p.add_argument(
+        "--no-lora", action="store_true", help="skip the LoRA subject (base model, adapter, report)"
+    )
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("search", help="cross-modal search of the index")

@@ -84,3 +84,11 @@ def demo_clip(tmp_path_factory: pytest.TempPathFactory):
 
     path = tmp_path_factory.mktemp("demo_clip") / "open_clip_model.safetensors"
     return train_clip(DEMO_TRAIN_CONFIG, device="cpu", checkpoint_path=path)
+
+
+@pytest.fixture(scope="session")
+def base_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny diffusion base pipeline trained on drawn shapes (32 px), once per session."""
+    from mm_pipelines_tests.ml.conftest_diffusion import make_base_pipeline_dir
+
+    return make_base_pipeline_dir(tmp_path_factory)

@@ -34,7 +34,7 @@ def demo(tmp_path_factory, demo_clip):
     # the demo CLIP of this test session stands in for the one `mm demo` would train
     env = {**os.environ, "MM_HOME": str(home), "MM_CLIP_CHECKPOINT": str(demo_clip.checkpoint_path)}
     env.pop("DAGSTER_HOME", None)
-    proc = run_mm("demo", env=env)
+    proc = run_mm("demo", env=env, timeout=1500)
     yield proc, env
     run_mm("db", "stop", env=env)
 
@@ -51,6 +51,8 @@ def test_demo_runs_the_graph_and_searches_the_sample_batch(demo):
         "objects_intact": True,
         "quarantine_rate": True,
         "ann_recall": True,
+        "enough_images": True,
+        "quality_gates": True,
     }
     assert summary["assets"]["vector_index"]["vectors_written"] > 50
     first_search = proc.stdout.split("$ mm search 'a red circle on a blue background'")[1]
@@ -60,18 +62,43 @@ def test_demo_runs_the_graph_and_searches_the_sample_batch(demo):
     assert (Path(env["MM_HOME"]) / "dagster" / "dagster.yaml").exists()
 
 
-def test_the_search_notebook_runs_top_to_bottom_on_the_demo_state(demo, monkeypatch):
+def test_the_demo_subject_goes_from_selection_to_a_quality_report(demo):
+    proc, _ = demo
+    assert proc.returncode == 0
+    summary = json.loads(proc.stdout[proc.stdout.index("{\n") : proc.stdout.index("\n}\n") + 2])
+    assert summary["assets"]["lora_training_set"]["images"] == 5
+    quality = summary["assets"]["generation_quality"]
+    assert quality["adapter_fid"] < 0.9 * quality["base_fid"]  # the demo subject's gate
+    assert "quality gates: passed" in proc.stdout
+
+
+def _run_notebook(name: str, env: dict, monkeypatch) -> list[dict]:
     import nbformat
     from nbclient import NotebookClient
 
-    proc, env = demo
-    assert proc.returncode == 0
-    for name in ("MM_HOME", "MM_CLIP_CHECKPOINT"):
-        monkeypatch.setenv(name, env[name])  # the kernel inherits this environment
-    notebook = nbformat.read(REPO / "notebooks" / "01_catalog_and_search.ipynb", as_version=4)
+    for key in ("MM_HOME", "MM_CLIP_CHECKPOINT"):
+        monkeypatch.setenv(key, env[key])  # the kernel inherits this environment
+    notebook = nbformat.read(REPO / "notebooks" / name, as_version=4)
     NotebookClient(
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
     ).execute()
-    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    return [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+
+
+def test_the_quality_notebook_runs_top_to_bottom_on_the_demo_state(demo, monkeypatch):
+    proc, env = demo
+    assert proc.returncode == 0
+    outputs = _run_notebook("02_quality_review.ipynb", env, monkeypatch)
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the loss plot
+    html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+    assert html.count("data:image/png;base64,") >= 3  # validation grids + base/adapter
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "FID ratio to base" in text
+
+
+def test_the_search_notebook_runs_top_to_bottom_on_the_demo_state(demo, monkeypatch):
+    proc, env = demo
+    assert proc.returncode == 0
+    outputs = _run_notebook("01_catalog_and_search.ipynb", env, monkeypatch)
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     assert "data:image/png;base64," in html and "a red circle on a blue background" in html

@@ -16,12 +16,27 @@ from mm_pipelines.defs.assets.embed import (  # noqa: E402
     unified_projector,
     vector_index,
 )
+from mm_pipelines.defs.assets.generate import (  # noqa: E402
+    enough_images,
+    generated_images,
+    generation_quality,
+    lora_adapter,
+    lora_base_model,
+    lora_training_set,
+    quality_gates,
+)
 from mm_pipelines.defs.assets.ingest import objects_intact, quarantine_rate, raw_media  # noqa: E402
 from mm_pipelines.defs.assets.understand import transcripts, video_frames  # noqa: E402
-from mm_pipelines.defs.jobs import batch_pipeline, train_clip_job, train_projector_job  # noqa: E402
+from mm_pipelines.defs.jobs import (  # noqa: E402
+    batch_pipeline,
+    subject_pipeline,
+    train_clip_job,
+    train_diffusion_base_job,
+    train_projector_job,
+)
 from mm_pipelines.defs.k8s import executor_from_env  # noqa: E402
 from mm_pipelines.defs.resources import build_resources  # noqa: E402
-from mm_pipelines.defs.sensors import landing_sensor  # noqa: E402
+from mm_pipelines.defs.sensors import landing_sensor, subjects_sensor  # noqa: E402
 
 defs = dg.Definitions(
     assets=[
@@ -34,10 +49,21 @@ defs = dg.Definitions(
         unified_projector,
         unified_embeddings,
         vector_index,
+        lora_base_model,
+        lora_training_set,
+        lora_adapter,
+        generated_images,
+        generation_quality,
     ],
-    asset_checks=[quarantine_rate, objects_intact, ann_recall],
-    jobs=[batch_pipeline, train_clip_job, train_projector_job],
-    sensors=[landing_sensor],
+    asset_checks=[quarantine_rate, objects_intact, ann_recall, enough_images, quality_gates],
+    jobs=[
+        batch_pipeline,
+        train_clip_job,
+        train_projector_job,
+        train_diffusion_base_job,
+        subject_pipeline,
+    ],
+    sensors=[landing_sensor, subjects_sensor],
     resources=build_resources(),
     executor=executor_from_env(),  # k8s_job_executor (one pod per step) when MM_EXECUTOR=k8s
 )

@@ -8,9 +8,16 @@ from mm_pipelines.defs.assets.embed import (
     unified_projector,
     vector_index,
 )
+from mm_pipelines.defs.assets.generate import (
+    generated_images,
+    generation_quality,
+    lora_adapter,
+    lora_base_model,
+    lora_training_set,
+)
 from mm_pipelines.defs.assets.ingest import raw_media
 from mm_pipelines.defs.assets.understand import transcripts, video_frames
-from mm_pipelines.defs.partitions import batch_partitions
+from mm_pipelines.defs.partitions import batch_partitions, subject_partitions
 
 BATCH_ASSETS = [
     raw_media,
@@ -40,4 +47,20 @@ train_projector_job = dg.define_asset_job(
     "train_projector",
     selection=dg.AssetSelection.assets(unified_projector),
     description="(Re)train the unified projector on every embedded batch.",
+)
+
+SUBJECT_ASSETS = [lora_training_set, lora_adapter, generated_images, generation_quality]
+
+# One subject from selection to quality report (the subjects sensor runs this).
+subject_pipeline = dg.define_asset_job(
+    "subject_pipeline",
+    selection=dg.AssetSelection.assets(*SUBJECT_ASSETS),
+    partitions_def=subject_partitions,
+    description="Train, generate and evaluate one subject's LoRA adapter.",
+)
+
+train_diffusion_base_job = dg.define_asset_job(
+    "train_diffusion_base",
+    selection=dg.AssetSelection.assets(lora_base_model),
+    description="(Re)build the diffusion base model the subjects' adapters are trained on.",
 )

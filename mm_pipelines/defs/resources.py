@@ -108,6 +108,14 @@ class ModelsResource(dg.ConfigurableResource):
     )
     whisper_model: str | None = Field(default=None, description="faster-whisper dir or name")
     projector_dir: str = Field(default="", description="empty: the latest trained projector")
+    diffusion_base: str = Field(
+        default="", description="diffusers pipeline directory; empty: the demo's tiny model"
+    )
+    diffusion_cpu_offload: bool = Field(default=False, description="CUDA: model CPU offload")
+    diffusion_nf4: bool = Field(default=False, description="CUDA: NF4-quantized denoiser")
+    fid_inception_weights: str = Field(
+        default="", description="local Inception weights for FID/KID; empty: CLIP image tower"
+    )
 
     def root(self) -> Path:
         return Path(self.models_dir or settings.models_dir())
@@ -134,6 +142,20 @@ class ModelsResource(dg.ConfigurableResource):
                 f"no unified projector at {pointer.parent}: materialize unified_projector first"
             )
         return pointer.parent / pointer.read_text().strip()
+
+    def diffusion_base_dir(self) -> Path:
+        if self.diffusion_base:
+            return Path(self.diffusion_base)
+        pointer = self.root() / "diffusion-base" / "CURRENT"
+        if not pointer.is_file():
+            raise FileNotFoundError(
+                f"no diffusion base model at {pointer.parent}: materialize lora_base_model "
+                "first (or set MM_DIFFUSION_BASE to a diffusers pipeline directory)"
+            )
+        return pointer.parent / pointer.read_text().strip()
+
+    def subject_dir(self, subject: str) -> Path:
+        return self.root() / "lora" / subject
 
 
 class MLflowResource(dg.ConfigurableResource):
@@ -184,6 +206,13 @@ class MLflowResource(dg.ConfigurableResource):
             raise
         mlflow.end_run(status="FINISHED")
 
+    def client(self) -> Any:
+        """An MlflowClient on our tracking server (for the registry: aliases, tags)."""
+        import mlflow
+
+        self._client_setup()
+        return mlflow.MlflowClient()
+
     def register(self, run: Any, artifact_path: str, name: str, tags: dict | None = None) -> str:
         """Register the run's artifact folder as a new version of model `name`."""
         import mlflow
@@ -228,6 +257,10 @@ def build_resources() -> dict[str, Any]:
             clip_checkpoint=settings.env("MM_CLIP_CHECKPOINT", ""),
             whisper_model=settings.env("MM_WHISPER_MODEL"),
             projector_dir=settings.env("MM_PROJECTOR_DIR", ""),
+            diffusion_base=settings.env("MM_DIFFUSION_BASE", ""),
+            diffusion_cpu_offload=settings.env("MM_DIFFUSION_CPU_OFFLOAD", "0") == "1",
+            diffusion_nf4=settings.env("MM_DIFFUSION_NF4", "0") == "1",
+            fid_inception_weights=settings.env("MM_FID_INCEPTION_WEIGHTS", ""),
         ),
         "mlflow_tracking": MLflowResource(
             tracking_uri=settings.mlflow_tracking_uri(),

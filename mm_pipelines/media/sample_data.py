@@ -37,6 +37,11 @@ _IMAGES = [
     ("blue", "circle", "orange"),
     ("green", "cross", "purple"),
     ("yellow", "triangle", "blue"),
+    # with the two above, five product shots on the brand's orange backdrop: the demo's
+    # LoRA subject (subjects.DEMO_SUBJECT)
+    ("green", "circle", "orange"),
+    ("white", "square", "orange"),
+    ("red", "triangle", "orange"),
 ]
 # Each video is a few scenes of shapes with a hard cut between them, and a spoken clip.
 _VIDEOS = [

@@ -15,6 +15,7 @@ SD 1.5 / SDXL / FLUX checkpoint on a GPU machine, or the tiny one here).
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -256,12 +257,12 @@ def build_tiny_pipeline(cfg: TinyDiffusionConfig | None = None, seed: int = 0) -
 
 def images_to_tensor(images: Sequence[Image.Image], resolution: int) -> torch.Tensor:
     """PIL images -> float tensor [N, 3, R, R] in [-1, 1] (resize shorter side, centre crop)."""
-    arrays = [np.asarray(_resize_center_crop(im.convert("RGB"), resolution)) for im in images]
+    arrays = [np.asarray(resize_center_crop(im.convert("RGB"), resolution)) for im in images]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return x.contiguous()
 
 
-def _resize_center_crop(im: Image.Image, size: int) -> Image.Image:
+def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
     w, h = im.size
     scale = size / min(w, h)
     if (w, h) != (size, size):
@@ -274,6 +275,13 @@ def _resize_center_crop(im: Image.Image, size: int) -> Image.Image:
 def pipeline_resolution(pipeline: Any) -> int:
     """Pixel resolution the pipeline's UNet was built for."""
     return int(pipeline.unet.config.sample_size) * int(pipeline.vae_scale_factor)
+
+
+def pipeline_dir_resolution(path: str | Path) -> int:
+    """The same, read from a saved pipeline's configs (no weights loaded)."""
+    unet = json.loads((Path(path) / "unet" / "config.json").read_text())
+    vae = json.loads((Path(path) / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 @torch.no_grad()

@@ -1,8 +1,5 @@
-"""Shared fixtures for the diffusion/LoRA/metrics tests.
-
-Not named conftest.py on purpose (another module may own that file); test modules
-import the fixtures they use from here, which pytest then registers in that module.
-"""
+"""Shared data and helpers for the diffusion/LoRA/metrics tests (the session fixture
+`base_pipeline_dir` that trains the tiny base pipeline once lives in conftest.py)."""
 
 from __future__ import annotations
 
@@ -119,9 +116,3 @@ def make_base_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
     assert result.unet_losses[-1] < result.unet_losses[0]
     return out
-
-
-@pytest.fixture(scope="session")
-def base_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny base pipeline, trained once per test session and saved to disk."""
-    return make_base_pipeline_dir(tmp_path_factory)

@@ -1,6 +1,6 @@
 """Tiny diffusion base model, LoRA training/resume/early stopping, generation determinism.
 
-The base pipeline is trained once per session (conftest_diffusion.base_pipeline_dir).
+The base pipeline is trained once per session (the `base_pipeline_dir` fixture of conftest.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from mm_pipelines.ml.lora import (
 from mm_pipelines.ml.metrics import distribution_metrics, mean_color_distance
 from mm_pipelines_tests.ml.conftest_diffusion import (
     SUBJECT_PROMPT,
-    make_base_pipeline_dir,
     subject_images,
     torch_threads,
 )
@@ -68,12 +67,6 @@ def _one_thread():
     """Tiny models: one intra-op thread (see conftest_diffusion.torch_threads)."""
     with torch_threads(1):
         yield
-
-
-@pytest.fixture(scope="session", name="base_pipeline_dir")
-def _base_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Trained once per session (the shared helper lives in conftest_diffusion)."""
-    return make_base_pipeline_dir(tmp_path_factory)
 
 
 def _arrays(gens) -> np.ndarray:
