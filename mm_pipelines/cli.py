@@ -19,7 +19,12 @@ def _cmd_sample_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_job(job: str, partition: str | None = None, assets: list[str] | None = None) -> dict:
+def run_job(
+    job: str,
+    partition: str | None = None,
+    assets: list[str] | None = None,
+    run_config: dict | None = None,
+) -> dict:
     """Run a job of the Definitions (optionally a subset of its assets) on the persistent
     local instance, exactly as the UI would; return its metadata and check results."""
     import dagster as dg
@@ -41,6 +46,7 @@ def run_job(job: str, partition: str | None = None, assets: list[str] | None = N
         instance=instance,
         raise_on_error=False,
         asset_selection=[dg.AssetKey(a) for a in assets] if assets else None,
+        run_config=run_config,
     )
     metadata: dict = {}
     for event in result.get_asset_materialization_events():
@@ -120,6 +126,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(json.dumps({"batch": args.batch, **_printable(outcome)}, indent=2))
     if not args.no_lora:
         _print_quality(outcome)
+        _demo_served_search(DEMO_QUERIES[0])
     print("\nSample searches over the demo index:")
     for query in DEMO_QUERIES:
         print(f"\n$ mm search {query!r}")
@@ -143,6 +150,7 @@ def _lora_demo_steps(models) -> list[tuple[str, str | None, list[str] | None]]:
         print("training the demo diffusion base model (a few minutes on a CPU) ...", flush=True)
         steps.append(("train_diffusion_base", None, None))
     steps.append(("subject_pipeline", subjects.DEMO_SUBJECT["name"], None))
+    steps.append(("export_online_model", None, None))  # the newest approved version
     return steps
 
 
@@ -157,6 +165,37 @@ def _print_quality(outcome: dict) -> None:
             print(f"  {metric:<10} base {base:8.3f}   adapter {adapter:8.3f}")
     gate = outcome["checks"].get("quality_gates")
     print(f"  quality gates: {'passed (model version marked candidate)' if gate else 'FAILED'}")
+
+
+def _demo_served_search(query: str) -> None:
+    """Start `mm serve` on the bundle just published, search through HTTP, stop it."""
+    import subprocess
+    import urllib.request
+
+    cmd = [sys.executable, "-m", "mm_pipelines.cli", "serve", "--port", "0", "--no-audio"]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        first = server.stdout.readline() if server.stdout else ""
+        if "listening on " not in first:
+            print(f"mm serve did not start: {first.strip()}", file=sys.stderr)
+            return
+        url = first.split("listening on ", 1)[1].split()[0]
+        request = urllib.request.Request(
+            f"{url}/v1/search",
+            data=json.dumps({"query": query, "tenant": "acme", "k": 3}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+        print(f"\nServed by `mm serve` at {url} (bundle {answer['bundle_version']}):")
+        print(f'$ curl -s {url}/v1/search -d \'{{"query": "{query}", "tenant": "acme"}}\'')
+        for hit in answer["hits"]:
+            where = hit.get("source_uri") or hit.get("content_hash")
+            print(f"  {hit.get('item_kind', ''):<12} {hit['score']:.3f}  {where}")
+        print("Start it yourself with:  mm serve   (http://127.0.0.1:8000)")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def subjects_demo_name() -> str:
@@ -250,6 +289,39 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     return 0  # unreachable
 
 
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    """Point the serving store and the `champion` alias back at a published bundle."""
+    from mm_pipelines.defs.resources import build_resources
+    from mm_pipelines.serving import registry
+    from mm_pipelines.serving.manifest import MANIFEST, BundleIntegrityError
+    from mm_pipelines.serving.store import bundle_key, rollback
+
+    res = build_resources()
+    store = res["serving"].get_store()
+    try:
+        record = rollback(store, args.bundle_version)
+    except BundleIntegrityError as err:
+        print(f"mm rollback: {err}", file=sys.stderr)
+        return 2
+    manifest = json.loads(store.read_bytes(bundle_key(args.bundle_version, MANIFEST)) or b"{}")
+    lora = manifest.get("models", {}).get("diffusion", {})
+    if lora.get("registered_name") and lora.get("registered_version"):
+        registry.promote(
+            res["mlflow_tracking"].client(),
+            lora["registered_name"],
+            str(lora["registered_version"]),
+            args.bundle_version,
+        )
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+def _cmd_serve(argv: list[str]) -> int:
+    from mm_pipelines.serving.server import main as serve_main
+
+    return serve_main(argv)
+
+
 def _cmd_db(args: argparse.Namespace) -> int:
     from mm_pipelines.storage.postgres import embedded_dsn, stop_embedded
 
@@ -262,6 +334,9 @@ def _cmd_db(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # the server owns its options (mm serve --help)
+        return _cmd_serve(argv[1:])
     parser = argparse.ArgumentParser(prog="mm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -291,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
     p.set_defaults(func=_cmd_dev)
+
+    sub.add_parser("serve", help="the serving API on the current bundle (mm serve --help)")
+
+    p = sub.add_parser("rollback", help="put a previously published serving bundle back online")
+    p.add_argument("bundle_version")
+    p.set_defaults(func=_cmd_rollback)
 
     p = sub.add_parser("db", help="the embedded Postgres: print its DSN, or stop it")
     p.add_argument("action", choices=["dsn", "stop"])

@@ -62,3 +62,8 @@ def prepare_dagster_home() -> Path:
 
 def models_dir() -> Path:
     return Path(env("MM_MODELS_DIR", str(mm_home() / "models"))).expanduser().resolve()  # type: ignore[arg-type]
+
+
+def serving_store() -> str:
+    """Where serving bundles are published: a folder or `s3://bucket/prefix`."""
+    return env("MM_SERVING_STORE", str(mm_home() / "serving"))  # type: ignore[return-value]

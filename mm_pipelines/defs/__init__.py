@@ -26,9 +26,12 @@ from mm_pipelines.defs.assets.generate import (  # noqa: E402
     quality_gates,
 )
 from mm_pipelines.defs.assets.ingest import objects_intact, quarantine_rate, raw_media  # noqa: E402
+from mm_pipelines.defs.assets.serve import online_model  # noqa: E402
 from mm_pipelines.defs.assets.understand import transcripts, video_frames  # noqa: E402
 from mm_pipelines.defs.jobs import (  # noqa: E402
     batch_pipeline,
+    export_online_model_job,
+    reevaluate_quality_job,
     subject_pipeline,
     train_clip_job,
     train_diffusion_base_job,
@@ -36,7 +39,12 @@ from mm_pipelines.defs.jobs import (  # noqa: E402
 )
 from mm_pipelines.defs.k8s import executor_from_env  # noqa: E402
 from mm_pipelines.defs.resources import build_resources  # noqa: E402
-from mm_pipelines.defs.sensors import landing_sensor, subjects_sensor  # noqa: E402
+from mm_pipelines.defs.sensors import (  # noqa: E402
+    landing_sensor,
+    nightly_quality_review,
+    serving_sensor,
+    subjects_sensor,
+)
 
 defs = dg.Definitions(
     assets=[
@@ -54,6 +62,7 @@ defs = dg.Definitions(
         lora_adapter,
         generated_images,
         generation_quality,
+        online_model,
     ],
     asset_checks=[quarantine_rate, objects_intact, ann_recall, enough_images, quality_gates],
     jobs=[
@@ -62,8 +71,11 @@ defs = dg.Definitions(
         train_projector_job,
         train_diffusion_base_job,
         subject_pipeline,
+        export_online_model_job,
+        reevaluate_quality_job,
     ],
-    sensors=[landing_sensor, subjects_sensor],
+    sensors=[landing_sensor, subjects_sensor, serving_sensor],
+    schedules=[nightly_quality_review],
     resources=build_resources(),
     executor=executor_from_env(),  # k8s_job_executor (one pod per step) when MM_EXECUTOR=k8s
 )

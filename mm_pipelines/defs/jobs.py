@@ -16,6 +16,7 @@ from mm_pipelines.defs.assets.generate import (
     lora_training_set,
 )
 from mm_pipelines.defs.assets.ingest import raw_media
+from mm_pipelines.defs.assets.serve import online_model
 from mm_pipelines.defs.assets.understand import transcripts, video_frames
 from mm_pipelines.defs.partitions import batch_partitions, subject_partitions
 
@@ -63,4 +64,18 @@ train_diffusion_base_job = dg.define_asset_job(
     "train_diffusion_base",
     selection=dg.AssetSelection.assets(lora_base_model),
     description="(Re)build the diffusion base model the subjects' adapters are trained on.",
+)
+
+export_online_model_job = dg.define_asset_job(
+    "export_online_model",
+    selection=dg.AssetSelection.assets(online_model),
+    description="Export an approved LoRA version (with CLIP and projector) as the online "
+    "serving bundle (the serving sensor runs this).",
+)
+
+reevaluate_quality_job = dg.define_asset_job(
+    "reevaluate_quality",
+    selection=dg.AssetSelection.assets(generation_quality),
+    partitions_def=subject_partitions,
+    description="Re-score a subject's current adapter and re-apply its quality gates.",
 )

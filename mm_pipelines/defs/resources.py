@@ -73,6 +73,21 @@ class LandingResource(dg.ConfigurableResource):
         return LocalLanding(uri)
 
 
+class ServingResource(dg.ConfigurableResource):
+    """Where serving bundles are published: a local folder, or `s3://bucket/prefix`
+    through dagster-aws."""
+
+    location: str = ""
+    s3: S3Resource
+
+    def get_store(self) -> Any:
+        from mm_pipelines.serving.store import open_store
+
+        location = self.location or settings.serving_store()
+        client = self.s3.get_client() if location.startswith("s3://") else None
+        return open_store(location, client=client)
+
+
 class ComputeResource(dg.ConfigurableResource):
     """Where and how models run. `device="auto"` picks CUDA when present."""
 
@@ -247,6 +262,7 @@ def build_resources() -> dict[str, Any]:
             s3=s3,
         ),
         "landing": LandingResource(uri=settings.landing_uri(), s3=s3),
+        "serving": ServingResource(location=settings.serving_store(), s3=s3),
         "compute": ComputeResource(
             device=settings.env("MM_DEVICE", "auto"),
             precision=settings.env("MM_PRECISION", "auto"),
