@@ -72,6 +72,31 @@ def test_the_demo_subject_goes_from_selection_to_a_quality_report(demo):
     assert "quality gates: passed" in proc.stdout
 
 
+def test_the_demo_ends_with_an_approved_exported_and_served_model(demo):
+    import mlflow
+
+    proc, env = demo
+    assert proc.returncode == 0
+    served = proc.stdout.split("Served by `mm serve` at ")[1]
+    assert "copy_of_first_photo.png" in served.splitlines()[2]  # the top hit, through HTTP
+    home = Path(env["MM_HOME"])
+    version = (home / "serving" / "CURRENT").read_text().strip()
+    manifest = json.loads((home / "serving" / "bundles" / version / "manifest.json").read_text())
+    assert set(manifest["models"]) >= {"clip", "projector", "diffusion", "whisper"}
+    checks = manifest["verification"]["checks"]
+    assert all(c["ok"] and c["max_abs_diff"] <= c["bound"] for c in checks.values()), checks
+    client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("mm-lora-orange-backdrop", "champion")
+    assert champion.version == manifest["models"]["diffusion"]["registered_version"]
+    assert champion.tags["mm.bundle_version"] == version
+
+
+def test_rollback_to_an_unknown_bundle_is_a_clear_error(demo):
+    _, env = demo
+    proc = run_mm("rollback", "no-such-bundle", env=env)
+    assert proc.returncode == 2 and "no such published bundle" in proc.stderr
+
+
 def _run_notebook(name: str, env: dict, monkeypatch) -> list[dict]:
     import nbformat
     from nbclient import NotebookClient
