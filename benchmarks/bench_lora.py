@@ -12,6 +12,11 @@ Prints ONE JSON object.
   latents/embeddings, i.e. our loop's pure bookkeeping overhead.
 - generation.ratio: images/s of `generate_images` / images/s of calling the pipeline
   directly with the same batch size, prompts, seeds and steps. Target >= 0.9.
+- asset.*: the same two comparisons through the Dagster assets themselves
+  (`lora_adapter` materialized with its MLflow run, step times read from the logged
+  loss timestamps; `generated_images` materialized with the media store and catalog
+  writes, whole step and generation part) against the plain loop / direct pipeline
+  calls in the same process. With --no-asset they are skipped.
 Rounds alternate between the contenders so load drift on a shared machine hits both.
 """
 
@@ -235,6 +240,146 @@ def bench_generation(
     }
 
 
+def bench_assets(device: torch.device, steps: int, rounds: int) -> dict[str, Any]:
+    """lora_adapter and generated_images as Dagster materializes them (MLflow, catalog,
+    media store included) vs the plain loop / direct pipeline, same process."""
+    import os
+
+    import dagster as dg
+    import mlflow
+    import yaml
+    from dagster_aws.s3 import S3Resource
+
+    from mm_pipelines.defs.assets.generate import generated_images, lora_adapter
+    from mm_pipelines.defs.partitions import subject_partitions
+    from mm_pipelines.defs.resources import (
+        CatalogResource,
+        ComputeResource,
+        MediaStoreResource,
+        MLflowResource,
+        ModelsResource,
+    )
+    from mm_pipelines.ml.diffusion_base import load_pipeline, save_pipeline
+    from mm_pipelines.ml.lora import load_adapter
+    from mm_pipelines.ml.subject_lora import TrainingSet, save_training_set
+    from mm_pipelines.storage.postgres import stop_embedded
+
+    bs, n_seeds, gen_steps, guidance = 8, 16, 20, 3.0
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base = save_pipeline(_fresh_pipeline(torch.device("cpu")), root / "base")
+        subject = {
+            "name": "bench",
+            "instance_prompt": PROMPT,
+            "select": {"content_hashes": ["-"]},
+            "seeds": list(range(n_seeds)),
+            "validation_metric": "color_distance",
+            "lora": {
+                "rank": 4,
+                "alpha": 4,
+                "learning_rate": 1e-4,
+                "steps": steps,
+                "batch_size": 4,
+                "checkpoint_every": max(1, steps // 2),
+                "keep_checkpoints": 1,
+                "validation_every": 0,
+            },
+            "generation": {
+                "num_inference_steps": gen_steps,
+                "guidance_scale": guidance,
+                "batch_size": bs,
+            },
+        }
+        (root / "subjects.yaml").write_text(yaml.safe_dump({"subjects": [subject]}))
+        os.environ["MM_SUBJECTS"] = str(root / "subjects.yaml")
+        images = _images(8)
+        save_training_set(
+            TrainingSet(images, [PROMPT] * 8, [f"h{i}" for i in range(8)], [None] * 8, 32),
+            root / "models" / "lora" / "bench" / "training_set",
+        )
+        tracking = MLflowResource(
+            tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+            artifact_root=(root / "mlartifacts").as_uri(),
+        )
+        resources = {
+            "models": ModelsResource(models_dir=str(root / "models"), diffusion_base=str(base)),
+            "compute": ComputeResource(device=str(device)),
+            "mlflow_tracking": tracking,
+            "catalog_db": CatalogResource(embedded_dir=str(root / "pg")),
+            "media_store": MediaStoreResource(local_dir=str(root / "media"), s3=S3Resource()),
+        }
+        cfg = LoraTrainConfig(rank=4, alpha=4, learning_rate=1e-4, steps=steps, batch_size=4)
+        asset_steps: list[float] = []
+        plain: list[float] = []
+        gen_step_ips: list[float] = []
+        gen_part_ips: list[float] = []
+        direct_ips: list[float] = []
+        try:
+            with dg.instance_for_test() as instance:
+                instance.add_dynamic_partitions(subject_partitions.name, ["bench"])
+                for _ in range(rounds):
+                    result = dg.materialize(
+                        [lora_adapter],
+                        partition_key="bench",
+                        instance=instance,
+                        resources=resources,
+                        run_config={"ops": {"lora_adapter": {"config": {"resume": False}}}},
+                    )
+                    run_id = result.asset_materializations_for_node("lora_adapter")[0]
+                    url = run_id.metadata["mlflow_run"].value
+                    history = mlflow.MlflowClient(tracking.tracking_uri).get_metric_history(
+                        url.rsplit("/", 1)[-1], "loss"
+                    )
+                    stamps = [m.timestamp / 1000 for m in sorted(history, key=lambda m: m.step)]
+                    asset_steps += [b - a for a, b in zip(stamps[2:], stamps[3:], strict=False)]
+                    plain += _plain_step_times(device, cfg, cached=False)[2:]
+
+                    result = dg.materialize(
+                        [generated_images],
+                        partition_key="bench",
+                        instance=instance,
+                        resources=resources,
+                    )
+                    events = {e.event_type_value: e.timestamp for e in result.all_events}
+                    seconds = events["STEP_SUCCESS"] - events["STEP_START"]
+                    meta = result.asset_materializations_for_node("generated_images")[0].metadata
+                    gen_step_ips.append(meta["images"].value / seconds)
+                    gen_part_ips.append(meta["images_per_second"].value)
+                    record = json.loads(
+                        (root / "models" / "lora" / "bench" / "adapter.json").read_text()
+                    )
+                    pipe = load_adapter(load_pipeline(base, device=device), record["adapter_dir"])
+                    pipe.set_progress_bar_config(disable=True)
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    n = _direct_generation(
+                        pipe, [PROMPT], list(range(n_seeds)), bs, gen_steps, guidance
+                    )
+                    _sync(device)
+                    direct_ips.append(n / (time.perf_counter() - t0))
+        finally:
+            stop_embedded(root / "pg")
+    m_asset, m_plain = statistics.median(asset_steps), statistics.median(plain)
+    step_ips, part_ips = statistics.median(gen_step_ips), statistics.median(gen_part_ips)
+    d_ips = statistics.median(direct_ips)
+    return {
+        "rounds": rounds,
+        "lora_adapter_step_ms_median": round(1000 * m_asset, 2),
+        "plain_step_ms_median": round(1000 * m_plain, 2),
+        "lora_ratio": round(m_asset / m_plain, 3),
+        "lora_target_ratio_max": 1.1,
+        "lora_pass": m_asset / m_plain <= 1.1,
+        "generated_images_whole_step_images_per_s": round(step_ips, 2),
+        "generated_images_generation_images_per_s": round(part_ips, 2),
+        "direct_images_per_s": round(d_ips, 2),
+        "generation_ratio_whole_step": round(step_ips / d_ips, 3),
+        "generation_ratio_generation_part": round(part_ips / d_ips, 3),
+        "generation_target_ratio_min": 0.9,
+        "images_per_round": n_seeds,
+        "note": "whole step = model load + adapter load + generation + PNG + store + catalog",
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="auto")
@@ -243,6 +388,7 @@ def main() -> None:
     # one thread by default: on a small shared CPU box, oversubscribed thread pools add
     # more noise than a second thread adds speed to these tiny models (0 = torch default)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-asset", action="store_true", help="skip the Dagster asset comparison")
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -257,6 +403,8 @@ def main() -> None:
         "lora_training": bench_lora(device, args.steps, args.rounds),
         "generation": bench_generation(device, args.rounds),
     }
+    if not args.no_asset:
+        result["asset"] = bench_assets(device, args.steps, args.rounds)
     print(json.dumps(result))
 
 

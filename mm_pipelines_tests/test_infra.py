@@ -267,7 +267,7 @@ def _mlflow_env_names() -> set[str]:
 
 # read by boto3 / Dagster itself rather than by our code
 STANDARD_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "DAGSTER_HOME"}
-OUR_SERVICES = {"user_code", "webserver", "daemon"}
+OUR_SERVICES = {"user_code", "webserver", "daemon", "serving"}
 
 
 @pytest.fixture(scope="module")
@@ -295,6 +295,7 @@ def test_compose_file_parses(compose: dict[str, Any], tmp_path: Path) -> None:
         "user_code",
         "webserver",
         "daemon",
+        "serving",
     }
     named_volumes = set(compose["volumes"])
     for name, service in compose["services"].items():
@@ -567,3 +568,26 @@ def test_helm_kubernetes_snippets_are_valid_kubernetes(
     spec = _step_pod_spec(gpu_op_tags())
     assert spec.containers[0].resources.limits[GPU_RESOURCE] == "1"
     assert spec.node_selector and spec.tolerations
+
+
+def test_the_serving_deployment_runs_mm_serve_with_a_readiness_probe_on_healthz() -> None:
+    from kubernetes.client import ApiClient, V1Deployment, V1Service
+
+    docs = list(yaml.safe_load_all((INFRA / "k8s" / "serving.yaml").read_text()))
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) == {"Deployment", "Service"}
+
+    class _Response:  # ApiClient.deserialize reads .data: typed models check every field
+        def __init__(self, doc: dict) -> None:
+            self.data = json.dumps(doc)
+
+    api = ApiClient()
+    deployment = api.deserialize(_Response(kinds["Deployment"]), V1Deployment)
+    api.deserialize(_Response(kinds["Service"]), V1Service)
+    (container,) = deployment.spec.template.spec.containers
+    assert container.command[:2] == ["mm", "serve"]
+    assert container.readiness_probe.http_get.path == "/healthz"
+    assert container.liveness_probe.http_get is None  # /healthz is 503 before a bundle exists
+    assert not container.image.endswith(":latest")
+    env = {e.name for e in container.env}
+    assert env <= _env_names_read_by_our_code() | STANDARD_ENV

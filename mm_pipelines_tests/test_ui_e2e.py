@@ -43,6 +43,12 @@ OUR_ASSETS = [
     "unified_projector",
     "unified_embeddings",
     "vector_index",
+    "lora_base_model",
+    "lora_training_set",
+    "lora_adapter",
+    "generated_images",
+    "generation_quality",
+    "online_model",
 ]
 STARTUP_TIMEOUT_S = 150  # the code location imports torch/open_clip: slow on a busy 2-core box
 RUN_TIMEOUT_S = 180
@@ -371,6 +377,20 @@ def test_asset_graph_in_headless_chromium(dagster_dev: DagsterDev, tmp_path: Pat
     graph_dom = _dom_naming(drawn, tmp_path / "profile3", graph_url)
     assert all(key in graph_dom for key in drawn), [k for k in drawn if k not in graph_dom]
 
+    # the generative group: subject LoRA, generations, quality (and the serving export)
+    shot = ARTIFACTS / "asset_graph_generative.png"
+    shot.unlink(missing_ok=True)
+    generative_url = f"{dagster_dev.url}/locations/{location}/asset-groups/generative/lineage"
+    _chromium(
+        [f"--screenshot={shot}", "--virtual-time-budget=15000"],
+        tmp_path / "profile4",
+        generative_url,
+    )
+    assert shot.is_file() and len(shot.read_bytes()) > 20_000
+    drawn = ["lora_training_set", "lora_adapter", "generated_images", "generation_quality"]
+    graph_dom = _dom_naming(drawn, tmp_path / "profile5", generative_url)
+    assert all(key in graph_dom for key in drawn), [k for k in drawn if k not in graph_dom]
+
     # The UI renders on the client: the DOM Chromium built (after running the app's JS and its
     # GraphQL calls) must name our assets, and the page's own GraphQL must list them.
     dom = _dom_naming(OUR_ASSETS, tmp_path / "profile2", f"{dagster_dev.url}/assets")
@@ -380,4 +400,4 @@ def test_asset_graph_in_headless_chromium(dagster_dev: DagsterDev, tmp_path: Pat
     nodes = dagster_dev.graphql(ASSET_NODES)["assetNodes"]
     groups = {"/".join(n["assetKey"]["path"]): n["groupName"] for n in nodes}
     assert set(OUR_ASSETS) <= set(groups)
-    assert {"ingest", "understand", "embed"} <= set(groups.values())
+    assert {"ingest", "understand", "embed", "generative", "serve"} <= set(groups.values())

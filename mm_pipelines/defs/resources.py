@@ -217,8 +217,10 @@ class MLflowResource(dg.ConfigurableResource):
         try:
             yield run
         except BaseException:
+            mlflow.flush_async_logging()
             mlflow.end_run(status="FAILED")
             raise
+        mlflow.flush_async_logging()  # per-step metrics are logged asynchronously
         mlflow.end_run(status="FINISHED")
 
     def client(self) -> Any:

@@ -80,7 +80,7 @@ def clip_model(
         mlflow.log_params(train_config.to_dict())
 
         def progress(step: int, loss: float) -> None:
-            mlflow.log_metric("loss", loss, step=step)
+            mlflow.log_metric("loss", loss, step=step, synchronous=False)
             if step % 250 == 0:
                 context.log.info(f"step {step}/{train_config.steps} loss {loss:.3f}")
 
@@ -219,7 +219,9 @@ def unified_projector(
             bundle.model_version,
             audio_version,
             device=compute.torch_device(),
-            progress=lambda step, loss: mlflow.log_metric("loss", loss, step=step),
+            progress=lambda step, loss: mlflow.log_metric(
+                "loss", loss, step=step, synchronous=False
+            ),
         )
         with tempfile.TemporaryDirectory() as tmp:
             version = proj.save_projector(result.projector, tmp)

@@ -139,7 +139,7 @@ def lora_base_model(
 
         def log(name: str, every: int):
             def progress(step: int, loss: float) -> None:
-                mlflow.log_metric(name, loss, step=step)
+                mlflow.log_metric(name, loss, step=step, synchronous=False)
                 if step % every == 0:
                     context.log.info(f"{name} step {step}: {loss:.4f}")
 
@@ -363,7 +363,7 @@ def _train_adapter(
         )
 
         def on_step(step: int, loss: float) -> None:
-            mlflow.log_metric("loss", loss, step=step)
+            mlflow.log_metric("loss", loss, step=step, synchronous=False)
             if step % 50 == 0:
                 context.log.info(f"step {step}/{cfg.steps} loss {loss:.4f}")
 
