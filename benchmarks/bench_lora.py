@@ -250,7 +250,8 @@ def bench_assets(device: torch.device, steps: int, rounds: int) -> dict[str, Any
     import yaml
     from dagster_aws.s3 import S3Resource
 
-    from mm_pipelines.defs.assets.generate import generated_images, lora_adapter
+    from mm_pipelines.defs.assets.generate import generated_images
+    from mm_pipelines.defs.assets.lora import lora_adapter
     from mm_pipelines.defs.partitions import subject_partitions
     from mm_pipelines.defs.resources import (
         CatalogResource,
@@ -340,7 +341,11 @@ def bench_assets(device: torch.device, steps: int, rounds: int) -> dict[str, Any
                         instance=instance,
                         resources=resources,
                     )
-                    events = {e.event_type_value: e.timestamp for e in result.all_events}
+                    events = {
+                        e.dagster_event.event_type_value: e.timestamp
+                        for e in instance.all_logs(result.run_id)
+                        if e.dagster_event is not None
+                    }
                     seconds = events["STEP_SUCCESS"] - events["STEP_START"]
                     meta = result.asset_materializations_for_node("generated_images")[0].metadata
                     gen_step_ips.append(meta["images"].value / seconds)

@@ -21,6 +21,7 @@ from PIL import Image
 
 from mm_pipelines import subjects
 from mm_pipelines.defs.assets import generate as gen_assets
+from mm_pipelines.defs.assets import lora as lora_assets
 from mm_pipelines.defs.assets.ingest import raw_media
 from mm_pipelines.defs.jobs import subject_pipeline
 from mm_pipelines.defs.partitions import batch_partitions, subject_partitions
@@ -40,11 +41,11 @@ from mm_pipelines.ml.lora import load_adapter
 from mm_pipelines_tests.ml.conftest_diffusion import torch_threads
 
 SUBJECT = subjects.DEMO_SUBJECT["name"]
-CHECKS = [gen_assets.enough_images, gen_assets.quality_gates]
+CHECKS = [lora_assets.enough_images, gen_assets.quality_gates]
 ASSETS = [
-    gen_assets.lora_base_model,
-    gen_assets.lora_training_set,
-    gen_assets.lora_adapter,
+    lora_assets.lora_base_model,
+    lora_assets.lora_training_set,
+    lora_assets.lora_adapter,
     gen_assets.generated_images,
     gen_assets.generation_quality,
 ]
@@ -148,7 +149,7 @@ def test_a_subject_goes_from_selection_to_a_passing_quality_report(subject_run):
 
 def test_the_passing_version_is_registered_and_marked_candidate(env, subject_run):
     client = env.mlflow()
-    name = gen_assets.lora_model_name(SUBJECT)
+    name = lora_assets.lora_model_name(SUBJECT)
     (version,) = client.search_model_versions(f"name = '{name}'")
     assert client.get_model_version_by_alias(name, "candidate").version == version.version
     assert version.tags[gen_assets.GATE_TAG] == "passed"
@@ -170,7 +171,7 @@ def test_generations_are_catalogued_and_reproducible_from_their_lineage(env, sub
     content_hash, prompt, seed, params, _, uri = rows[3]
     stored = Image.open(io.BytesIO(Path(uri.removeprefix("file://")).read_bytes()))
     # regenerate from the recorded lineage alone: base model + adapter + prompt + seed
-    record = gen_assets._adapter_record(env.models, SUBJECT)
+    record = lora_assets.adapter_record(env.models, SUBJECT)
     pipe = load_adapter(load_pipeline(record.base_model_dir, device="cpu"), record.adapter_dir)
     (again,) = generate_images(
         pipe,
@@ -209,7 +210,7 @@ def test_gates_set_to_fail_block_the_version_and_take_its_candidate_alias_away(e
         env.declare(subjects.DEMO_SUBJECT)
     assert checks(result) == {"quality_gates": False}
     client = env.mlflow()
-    name = gen_assets.lora_model_name(SUBJECT)
+    name = lora_assets.lora_model_name(SUBJECT)
     (version,) = client.search_model_versions(f"name = '{name}'")
     assert version.tags[gen_assets.GATE_TAG] == "failed"
     assert "fid" in version.tags["mm.gate_failures"]

@@ -17,15 +17,17 @@ from mm_pipelines.defs.assets.embed import (  # noqa: E402
     vector_index,
 )
 from mm_pipelines.defs.assets.generate import (  # noqa: E402
-    enough_images,
     generated_images,
     generation_quality,
-    lora_adapter,
-    lora_base_model,
-    lora_training_set,
     quality_gates,
 )
 from mm_pipelines.defs.assets.ingest import objects_intact, quarantine_rate, raw_media  # noqa: E402
+from mm_pipelines.defs.assets.lora import (  # noqa: E402
+    enough_images,
+    lora_adapter,
+    lora_base_model,
+    lora_training_set,
+)
 from mm_pipelines.defs.assets.serve import online_model  # noqa: E402
 from mm_pipelines.defs.assets.understand import transcripts, video_frames  # noqa: E402
 from mm_pipelines.defs.jobs import (  # noqa: E402

@@ -8,14 +8,9 @@ from mm_pipelines.defs.assets.embed import (
     unified_projector,
     vector_index,
 )
-from mm_pipelines.defs.assets.generate import (
-    generated_images,
-    generation_quality,
-    lora_adapter,
-    lora_base_model,
-    lora_training_set,
-)
+from mm_pipelines.defs.assets.generate import generated_images, generation_quality
 from mm_pipelines.defs.assets.ingest import raw_media
+from mm_pipelines.defs.assets.lora import lora_adapter, lora_base_model, lora_training_set
 from mm_pipelines.defs.assets.serve import online_model
 from mm_pipelines.defs.assets.understand import transcripts, video_frames
 from mm_pipelines.defs.partitions import batch_partitions, subject_partitions

@@ -39,6 +39,11 @@ def _alias(client: Any, name: str, alias: str) -> Any | None:
         return None
 
 
+def alias_version(client: Any, name: str, alias: str) -> str | None:
+    mv = _alias(client, name, alias)
+    return str(mv.version) if mv is not None else None
+
+
 def approved_candidates(client: Any, prefix: str = LORA_PREFIX) -> list[Candidate]:
     """Versions carrying the `candidate` alias whose quality gate passed, oldest first.
     Raises whatever MLflow raises when the tracking server cannot be reached."""
@@ -71,8 +76,7 @@ def get_candidate(client: Any, name: str, version: str) -> Candidate:
 
 
 def champion(client: Any, name: str) -> str | None:
-    mv = _alias(client, name, CHAMPION)
-    return str(mv.version) if mv is not None else None
+    return alias_version(client, name, CHAMPION)
 
 
 def promote(client: Any, name: str, version: str, bundle_version: str) -> str | None:

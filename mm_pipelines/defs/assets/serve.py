@@ -9,7 +9,8 @@ from typing import Any
 import dagster as dg
 
 from mm_pipelines.defs.assets.embed import clip_model, unified_projector
-from mm_pipelines.defs.assets.generate import generation_quality, lora_base_model
+from mm_pipelines.defs.assets.generate import generation_quality
+from mm_pipelines.defs.assets.lora import lora_base_model
 from mm_pipelines.defs.resources import (
     MLflowResource,
     ModelsResource,
