@@ -243,7 +243,7 @@ def quality_gates(
 ) -> dg.AssetCheckResult:
     from mm_pipelines.ml.subject_lora import gate_failures
 
-    subject = subjects.getsubject_of(context.partition_key)
+    subject = subjects.get_subject(context.partition_key)
     report = json.loads((models.subject_dir(subject.name) / "quality.json").read_text())
     failures = gate_failures(report, subject.gates)
     name, version = report["registered_model"], report["registered_version"]

@@ -71,7 +71,7 @@ def no_retry_on_bad_input() -> Iterator[None]:
 
 
 def subject_of(context: dg.AssetExecutionContext) -> subjects.Subject:
-    return subjects.getsubject_of(context.partition_key)
+    return subjects.get_subject(context.partition_key)
 
 
 # --------------------------------------------------------------------------- base model
@@ -255,7 +255,7 @@ def enough_images(
 ) -> dg.AssetCheckResult:
     from mm_pipelines.ml.subject_lora import load_training_set
 
-    subject = subjects.getsubject_of(context.partition_key)
+    subject = subjects.get_subject(context.partition_key)
     n = len(load_training_set(models.subject_dir(subject.name) / "training_set").images)
     return dg.AssetCheckResult(
         passed=n >= subject.min_images, metadata={"images": n, "min_images": subject.min_images}
