@@ -22,6 +22,7 @@ from mm_pipelines.defs.resources import (
     MediaStoreResource,
     MLflowResource,
     ModelsResource,
+    step_metrics,
 )
 from mm_pipelines.ml import speech
 from mm_pipelines.storage import embeddings, vectors
@@ -76,11 +77,11 @@ def clip_model(
     )
     target = models.demo_clip_path()
     target.parent.mkdir(parents=True, exist_ok=True)
-    with mlflow_tracking.start_run(context) as run:
+    with mlflow_tracking.start_run(context) as run, step_metrics(run) as log_step:
         mlflow.log_params(train_config.to_dict())
 
         def progress(step: int, loss: float) -> None:
-            mlflow.log_metric("loss", loss, step=step, synchronous=False)
+            log_step("loss", loss, step)
             if step % 250 == 0:
                 context.log.info(f"step {step}/{train_config.steps} loss {loss:.3f}")
 
@@ -208,7 +209,7 @@ def unified_projector(
             conn, bundle, audio_version, speech.model_version(models.whisper_model)
         )
     context.log.info(f"training the audio head on {len(audio)} pairs")
-    with mlflow_tracking.start_run(context) as run:
+    with mlflow_tracking.start_run(context) as run, step_metrics(run) as log_step:
         train_config = proj.ProjectorTrainConfig()
         mlflow.log_params({**vars(train_config), "pairs": len(audio)})
         result = proj.train_projector(
@@ -219,9 +220,7 @@ def unified_projector(
             bundle.model_version,
             audio_version,
             device=compute.torch_device(),
-            progress=lambda step, loss: mlflow.log_metric(
-                "loss", loss, step=step, synchronous=False
-            ),
+            progress=lambda step, loss: log_step("loss", loss, step),
         )
         with tempfile.TemporaryDirectory() as tmp:
             version = proj.save_projector(result.projector, tmp)

@@ -25,6 +25,7 @@ from mm_pipelines.defs.resources import (
     MediaStoreResource,
     MLflowResource,
     ModelsResource,
+    step_metrics,
 )
 from mm_pipelines.media.thumbnails import markdown_gallery
 from mm_pipelines.storage import generated
@@ -130,12 +131,12 @@ def lora_base_model(
     )
     root = models.root() / "diffusion-base"
     work = root / f"tmp-{context.run_id}"
-    with mlflow_tracking.start_run(context) as run:
+    with mlflow_tracking.start_run(context) as run, step_metrics(run) as log_step:
         mlflow.log_params({**dataclasses.asdict(train_config), "images": len(rows)})
 
         def log(name: str, every: int):
             def progress(step: int, loss: float) -> None:
-                mlflow.log_metric(name, loss, step=step, synchronous=False)
+                log_step(name, loss, step)
                 if step % every == 0:
                     context.log.info(f"{name} step {step}: {loss:.4f}")
 
@@ -345,7 +346,10 @@ def _train_adapter(
     work = folder / "work" / hashlib.sha256(key.encode()).hexdigest()[:12]
     pipe = load_base_pipeline(models, compute)
     last_grid: dict[str, bytes] = {}
-    with mlflow_tracking.start_run(context, tags={"subject": subject.name}) as run:
+    with (
+        mlflow_tracking.start_run(context, tags={"subject": subject.name}) as run,
+        step_metrics(run) as log_step,
+    ):
         mlflow.log_params(
             {
                 **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "validation_prompts"},
@@ -359,7 +363,7 @@ def _train_adapter(
         )
 
         def on_step(step: int, loss: float) -> None:
-            mlflow.log_metric("loss", loss, step=step, synchronous=False)
+            log_step("loss", loss, step)
             if step % 50 == 0:
                 context.log.info(f"step {step}/{cfg.steps} loss {loss:.4f}")
 
