@@ -16,6 +16,7 @@ One subject = one `subject` partition. The file (`MM_SUBJECTS`, default
           limit: 16
         min_images: 4
         prompts: [a photo of sks]
+        prompts_file: prompts.txt       # optional, one per line (relative to this file)
         seeds: [0, 1, 2, 3, 4, 5, 6, 7]
         lora: {rank: 4, alpha: 8, learning_rate: 0.01, steps: 150}
         validation_metric: clip_distance
@@ -85,6 +86,7 @@ class Subject:
     description: str | None = None
     min_images: int = 3
     prompts: tuple[str, ...] = ()
+    prompts_file: str | None = None  # one prompt per line, added after `prompts`
     seeds: tuple[int, ...] = tuple(range(8))
     lora: dict[str, Any] = field(default_factory=dict)  # LoraTrainConfig overrides
     validation_metric: str = "clip_distance"  # early stopping: clip_distance | color_distance
@@ -93,7 +95,11 @@ class Subject:
 
     @property
     def generation_prompts(self) -> tuple[str, ...]:
-        return self.prompts or (self.instance_prompt,)
+        from_file: tuple[str, ...] = ()
+        if self.prompts_file:
+            lines = Path(self.prompts_file).read_text(encoding="utf-8").splitlines()
+            from_file = tuple(line.strip() for line in lines if line.strip())
+        return (self.prompts + from_file) or (self.instance_prompt,)
 
     @property
     def score_prompt(self) -> str:
@@ -102,7 +108,9 @@ class Subject:
 
     def fingerprint(self) -> str:
         """Changes whenever anything that affects the subject's assets changes."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        # the prompts themselves, so an edited prompts file counts as a change
+        fields = {**dataclasses.asdict(self), "resolved_prompts": self.generation_prompts}
+        blob = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -126,7 +134,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         raise SubjectConfigError(f"{where}: {err}") from err
 
 
-def parse_subject(raw: Any, where: str) -> Subject:
+def parse_subject(raw: Any, where: str, base_dir: str | Path = ".") -> Subject:
     if not isinstance(raw, dict):
         raise SubjectConfigError(f"{where}: a subject must be a mapping")
     raw = dict(raw)
@@ -158,6 +166,13 @@ def parse_subject(raw: Any, where: str) -> Subject:
     )
     if subject.min_images < 1 or not subject.seeds:
         raise SubjectConfigError(f"{where}: min_images must be >= 1 and seeds non-empty")
+    if subject.prompts_file:
+        prompts_file = Path(subject.prompts_file)
+        if not prompts_file.is_absolute():  # relative to the subjects file
+            prompts_file = Path(base_dir) / prompts_file
+        if not prompts_file.is_file():
+            raise SubjectConfigError(f"{where}.prompts_file: {prompts_file} does not exist")
+        subject = dataclasses.replace(subject, prompts_file=str(prompts_file))
     return subject
 
 
@@ -186,7 +201,7 @@ def load_subjects(path: str | Path | None = None) -> dict[str, Subject]:
         raise SubjectConfigError(f"{path}: expected a top-level 'subjects:' list")
     subjects: dict[str, Subject] = {}
     for index, raw in enumerate(items):
-        subject = parse_subject(raw, f"{path}: subjects[{index}]")
+        subject = parse_subject(raw, f"{path}: subjects[{index}]", path.parent)
         if subject.name in subjects:
             raise SubjectConfigError(f"{path}: subject {subject.name!r} is declared twice")
         subjects[subject.name] = subject

@@ -65,3 +65,18 @@ def test_the_fingerprint_changes_with_any_setting(tmp_path):
     b = subjects.parse_subject({**subjects.DEMO_SUBJECT, "seeds": [0]}, "b")
     assert a.fingerprint() == subjects.parse_subject(subjects.DEMO_SUBJECT, "c").fingerprint()
     assert a.fingerprint() != b.fingerprint()
+
+
+def test_prompts_come_from_the_config_and_a_prompts_file_next_to_it(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a photo of sks on a table\n\na sks poster\n")
+    raw = {**subjects.DEMO_SUBJECT, "prompts": ["a photo of sks"], "prompts_file": "prompts.txt"}
+    write(tmp_path / "s.yaml", raw)
+    subject = subjects.get_subject("orange-backdrop", tmp_path / "s.yaml")
+    assert subject.generation_prompts == (
+        "a photo of sks",
+        "a photo of sks on a table",
+        "a sks poster",
+    )
+    write(tmp_path / "s.yaml", {**raw, "prompts_file": "missing.txt"})
+    with pytest.raises(subjects.SubjectConfigError, match="missing.txt does not exist"):
+        subjects.load_subjects(tmp_path / "s.yaml")

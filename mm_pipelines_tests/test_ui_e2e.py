@@ -51,7 +51,7 @@ OUR_ASSETS = [
     "online_model",
 ]
 STARTUP_TIMEOUT_S = 150  # the code location imports torch/open_clip: slow on a busy 2-core box
-RUN_TIMEOUT_S = 180
+RUN_TIMEOUT_S = 420  # the subject pipeline trains a LoRA and generates 32 images
 
 
 @dataclass
@@ -79,13 +79,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _server_env(mm_home: Path, dagster_home: Path) -> dict[str, str]:
+def _server_env(mm_home: Path, dagster_home: Path, models: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     # nothing of the developer's own deployment may leak in: embedded defaults under mm_home
     for name in list(env):
         if name.startswith(("MM_", "DAGSTER_", "MLFLOW_")):
             del env[name]
     env.update(MM_HOME=str(mm_home), DAGSTER_HOME=str(dagster_home), PYTHONUNBUFFERED="1")
+    env.update(models)  # this session's trained CLIP and diffusion base (see dagster_dev)
     return env
 
 
@@ -150,16 +151,17 @@ mutation($id: String!) { stopSensor(id: $id) { __typename
 """
 
 
-def _stop_landing_sensor(server: DagsterDev) -> None:
+def _stop_sensors(server: DagsterDev) -> None:
     repo, _ = _selectors(server)
-    selector = {**repo, "sensorName": "landing_sensor"}
-    sensor = server.graphql(SENSOR_QUERY, {"selector": selector})["sensorOrError"]
-    stopped = server.graphql(STOP_SENSOR, {"id": sensor["id"]})["stopSensor"]
-    assert stopped["instigationState"]["status"] == "STOPPED", stopped
+    for name in ("landing_sensor", "subjects_sensor", "serving_sensor"):
+        selector = {**repo, "sensorName": name}
+        sensor = server.graphql(SENSOR_QUERY, {"selector": selector})["sensorOrError"]
+        stopped = server.graphql(STOP_SENSOR, {"id": sensor["id"]})["stopSensor"]
+        assert stopped["instigationState"]["status"] == "STOPPED", stopped
 
 
 @pytest.fixture(scope="module")
-def dagster_dev() -> Iterator[DagsterDev]:
+def dagster_dev(demo_clip, base_pipeline_dir) -> Iterator[DagsterDev]:
     # Not under pytest's tmp root: any other pytest session on the machine resets that to 0700,
     # after which the embedded Postgres's own user can no longer reach its data dir to stop it.
     root = Path(tempfile.mkdtemp(prefix="mm-ui-e2e-"))
@@ -171,7 +173,15 @@ def dagster_dev() -> Iterator[DagsterDev]:
         proc = subprocess.Popen(
             [str(mm), "dev", "--host", "127.0.0.1", "--port", str(port)],
             cwd=REPO,
-            env=_server_env(mm_home, dagster_home),
+            # the models the test session trained once stand in for the demo's own training
+            env=_server_env(
+                mm_home,
+                dagster_home,
+                {
+                    "MM_CLIP_CHECKPOINT": str(demo_clip.checkpoint_path),
+                    "MM_DIFFUSION_BASE": str(base_pipeline_dir),
+                },
+            ),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -179,9 +189,9 @@ def dagster_dev() -> Iterator[DagsterDev]:
         )
     try:
         _wait_until_loaded(server, proc)
-        # the landing sensor (on by default) would pick the batch up by itself and run the whole
-        # pipeline; these tests drive the path a user clicks through instead
-        _stop_landing_sensor(server)
+        # the sensors (on by default) would pick the batch and the subject up by themselves;
+        # these tests drive the path a user clicks through instead
+        _stop_sensors(server)
         write_sample_batch(mm_home / "landing", BATCH)
         yield server
     finally:
@@ -311,6 +321,85 @@ def test_materialize_raw_media_through_graphql(dagster_dev: DagsterDev) -> None:
     assert (meta["files_seen"], meta["ok"]) == (files_seen, ok), meta
     assert meta["quarantined"] == files_seen - ok
     assert meta["duplicates"] >= 1  # the sample batch delivers one photo twice
+
+
+def _launch(
+    server: DagsterDev, job: str, partition: str | None = None, assets: list[str] | None = None
+) -> str:
+    """Launch `job` (optionally a subset of its assets) as the UI's Materialize button does;
+    wait for it and fail with its errors unless it succeeds. Returns the run id."""
+    repo, _ = _selectors(server)
+    params: dict[str, Any] = {
+        "selector": {**repo, "jobName": job},
+        "runConfigData": {"execution": {"config": {"in_process": {}}}},
+    }
+    if assets:
+        params["selector"]["assetSelection"] = [{"path": [a]} for a in assets]
+    if partition:
+        params["executionMetadata"] = {"tags": [{"key": "dagster/partition", "value": partition}]}
+    launched = server.graphql(LAUNCH_RUN, {"params": params})["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+    status = _wait_for_run(server, run_id)
+    if status != "SUCCESS":
+        events = server.graphql(RUN_ERRORS, {"runId": run_id})["logsForRun"]["events"]
+        messages = [e.get("message") for e in events if "Failure" in e["__typename"]]
+        pytest.fail(f"{job} run {run_id} ended {status}: {messages}\n{server.log_tail()}")
+    return run_id
+
+
+LATEST_METADATA = """
+query($path: [String!]!) {
+  assetOrError(assetKey: {path: $path}) { ... on Asset { assetMaterializations(limit: 1) {
+    runId metadataEntries { label
+      ... on IntMetadataEntry { intValue }
+      ... on FloatMetadataEntry { floatValue }
+      ... on TextMetadataEntry { text }
+    }
+  } } }
+}
+"""
+
+
+def _latest_metadata(server: DagsterDev, asset: str) -> dict[str, Any]:
+    (mat,) = server.graphql(LATEST_METADATA, {"path": [asset]})["assetOrError"][
+        "assetMaterializations"
+    ]
+    return {
+        e["label"]: e.get("intValue", e.get("floatValue", e.get("text")))
+        for e in mat["metadataEntries"]
+    }
+
+
+def test_the_whole_demo_graph_materializes_from_the_ui(dagster_dev: DagsterDev) -> None:
+    """What `mm demo` runs, launched job by job through the UI's API: the batch through
+    the encoders, the projector, the index, a subject's LoRA to its quality report, and
+    the export of the approved model."""
+    from mm_pipelines import subjects
+
+    repo, _ = _selectors(dagster_dev)
+    for name, key in (("batch", BATCH), ("subject", subjects.DEMO_SUBJECT["name"])):
+        added = dagster_dev.graphql(ADD_PARTITION, {"repo": repo, "def": name, "key": key})
+        assert added["addDynamicPartition"]["__typename"] in (
+            "AddDynamicPartitionSuccess",
+            "DuplicateDynamicPartitionError",
+        ), added
+    encoders = ["raw_media", "video_frames", "transcripts", "clip_embeddings", "audio_embeddings"]
+    _launch(dagster_dev, "batch_pipeline", BATCH, encoders)
+    _launch(dagster_dev, "train_projector")
+    _launch(dagster_dev, "batch_pipeline", BATCH, ["unified_embeddings", "vector_index"])
+    assert _latest_metadata(dagster_dev, "vector_index")["vectors_written"] > 50
+
+    subjects.ensure_subject(subjects.DEMO_SUBJECT, dagster_dev.mm_home / "subjects.yaml")
+    _launch(dagster_dev, "train_diffusion_base")  # MM_DIFFUSION_BASE: checked, not trained
+    _launch(dagster_dev, "subject_pipeline", subjects.DEMO_SUBJECT["name"])
+    quality = _latest_metadata(dagster_dev, "generation_quality")
+    assert quality["adapter_fid"] < quality["base_fid"], quality
+    _launch(dagster_dev, "export_online_model")
+    online = _latest_metadata(dagster_dev, "online_model")
+    assert online["lora"] == "mm-lora-orange-backdrop/1", online
+    current = dagster_dev.mm_home / "serving" / "CURRENT"
+    assert current.read_text().strip() == online["bundle_version"]
 
 
 # ---------------------------------------------------------------- browser
