@@ -1,0 +1,308 @@
+"""The serving HTTP API (ASGI, Starlette).
+
+Starlette rather than FastAPI: four endpoints with a handful of fields each do not need
+pydantic models or generated docs, and the limits have to act before any parsing (the
+body is counted while it streams in, so an oversized upload is refused at the limit, not
+after it is held in memory); FastAPI would add a validation layer whose 422 bodies echo
+the client's input back. FastAPI is itself built on Starlette, so nothing is lost.
+
+Model work runs in worker threads (``anyio.to_thread``) behind a limiter sized to the
+CPU count, so the event loop keeps accepting and answering (health, 4xx) while models
+compute. Every answer names the bundle it was computed with (body and header
+``X-Bundle-Version``); errors are JSON ``{"error": {"code", "message"}}`` with a 4xx
+for the client's mistakes and a bare 500 for ours (the traceback stays in the log).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import psycopg
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from mm_pipelines.serving.bundles import BundleManager
+from mm_pipelines.serving.runtime import InputError, ServingModels
+
+log = logging.getLogger(__name__)
+MODALITIES = ("image", "video", "audio", "text")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 8 * 2**20  # base64 of a few-MB image or a minute of audio
+    max_image_pixels: int = 16_000_000  # decoding costs 3 bytes/pixel before resizing
+    max_audio_seconds: float = 60.0
+    max_text_chars: int = 2000
+    max_k: int = 100
+    max_steps: int = 50
+    max_prompt_chars: int = 1000
+
+
+class ConnectionPool:
+    """A few reusable catalog connections (psycopg_pool is not a dependency here).
+
+    Opened lazily; a broken connection is dropped instead of returned."""
+
+    def __init__(self, dsn_factory: Callable[[], str], size: int = 4) -> None:
+        self._dsn_factory = dsn_factory
+        self._dsn: str | None = None
+        self._idle: queue.LifoQueue = queue.LifoQueue()
+        self._lock = threading.Lock()
+        self.size = size
+
+    def _connect(self) -> psycopg.Connection:
+        with self._lock:
+            if self._dsn is None:
+                from mm_pipelines.storage.postgres import ensure_schema
+
+                dsn = self._dsn_factory()
+                ensure_schema(dsn)
+                self._dsn = dsn
+        conn = psycopg.connect(self._dsn, autocommit=True)
+        from pgvector.psycopg import register_vector
+
+        register_vector(conn)
+        return conn
+
+    def run(self, fn: Callable[[Any], Any]) -> Any:
+        try:
+            conn = self._idle.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+        try:
+            result = fn(conn)
+        except BaseException:
+            if conn.broken or conn.closed:
+                conn.close()
+                raise
+            self._put(conn)
+            raise
+        self._put(conn)
+        return result
+
+    def _put(self, conn) -> None:
+        if self._idle.qsize() < self.size and not conn.closed:
+            self._idle.put(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        while not self._idle.empty():
+            self._idle.get_nowait().close()
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def _ok(body: dict[str, Any], models: ServingModels) -> JSONResponse:
+    body["bundle_version"] = models.version
+    return JSONResponse(body, headers={"X-Bundle-Version": models.version})
+
+
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "body_too_large", f"request body over the {limit}-byte limit")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:  # chunked uploads have no length: count as they come
+                raise ApiError(413, "body_too_large", f"request body over the {limit}-byte limit")
+            chunks.append(chunk)
+    except ClientDisconnect as err:
+        raise ApiError(400, "client_disconnected", "the request body was cut off") from err
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ApiError(400, "bad_json", f"the body is not valid JSON ({err})") from err
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_json", "the body must be a JSON object")
+    return body
+
+
+def _field(body: dict, name: str, kind: type | tuple, default: Any = ..., check=None) -> Any:
+    if name not in body or body[name] is None:
+        if default is ...:
+            raise ApiError(400, "missing_field", f"'{name}' is required")
+        return default
+    value = body[name]
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise ApiError(400, "bad_field", f"'{name}' must be of type {names}")
+    if check is not None and (why := check(value)):
+        raise ApiError(400, "bad_field", f"'{name}' {why}")
+    return value
+
+
+def _b64(body: dict, name: str) -> bytes:
+    try:
+        return base64.b64decode(_field(body, name, str), validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ApiError(400, "bad_base64", f"'{name}' is not valid base64") from err
+
+
+def create_app(
+    manager: BundleManager,
+    pool: ConnectionPool | None = None,
+    limits: Limits = Limits(),
+    workers: int | None = None,
+) -> Starlette:
+    limiter = anyio.CapacityLimiter(workers or max(1, os.cpu_count() or 1))
+
+    def models_or_503() -> ServingModels:
+        manager.nudge()
+        models = manager.current  # taken once: this request's bundle to the end
+        if models is None:
+            raise ApiError(503, "no_bundle", "no serving bundle is loaded yet")
+        return models
+
+    async def compute(fn: Callable[..., Any], *args: Any) -> Any:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
+
+    async def healthz(request: Request) -> JSONResponse:
+        manager.nudge()
+        models = manager.current
+        status = manager.status()
+        if models is None:
+            return JSONResponse({"status": "no_bundle", **status}, status_code=503)
+        body = {"status": "ok", "models": models.describe(), **status}
+        return _ok(body, models)
+
+    async def embeddings(request: Request) -> JSONResponse:
+        body = await _read_json(request, limits.max_body_bytes)
+        models = models_or_503()
+        given = [k for k in ("text", "image_base64", "audio_base64") if body.get(k) is not None]
+        if len(given) != 1:
+            raise ApiError(
+                400, "bad_input", "give exactly one of 'text', 'image_base64', 'audio_base64'"
+            )
+        if given[0] == "text":
+            text = _field(body, "text", str, check=_max_len(limits.max_text_chars))
+            vec = await compute(models.embed_text, text)
+        elif given[0] == "image_base64":
+            vec = await compute(
+                models.embed_image, _b64(body, "image_base64"), limits.max_image_pixels
+            )
+        else:
+            data = _b64(body, "audio_base64")
+            vec = await compute(models.embed_audio, data, limits.max_audio_seconds)
+        return _ok({"embedding": vec.tolist(), "dim": int(vec.shape[0]), "input": given[0]}, models)
+
+    async def search(request: Request) -> JSONResponse:
+        body = await _read_json(request, limits.max_body_bytes)
+        models = models_or_503()
+        query = _field(body, "query", str, check=_max_len(limits.max_text_chars))
+        tenant = _field(body, "tenant", str, check=lambda v: None if v.strip() else "is empty")
+        k = _field(body, "k", int, 10, check=_in_range(1, limits.max_k))
+        modalities = _field(body, "modalities", list, None, check=_subset(MODALITIES))
+        batches = _field(body, "batches", list, None, check=_strings)
+        if pool is None:
+            raise ApiError(503, "no_catalog", "this server has no catalog database configured")
+
+        def run() -> list[dict[str, Any]]:
+            return pool.run(
+                lambda conn: models.search(
+                    conn, query, k, tenant=tenant, modalities=modalities, batches=batches
+                )
+            )
+
+        try:
+            hits = await compute(run)
+        except psycopg.OperationalError as err:
+            log.warning("catalog unavailable: %s", err)
+            raise ApiError(503, "catalog_unavailable", "the catalog is unavailable") from err
+        return _ok({"query": query, "tenant": tenant, "k": k, "hits": hits}, models)
+
+    async def generations(request: Request) -> JSONResponse:
+        body = await _read_json(request, limits.max_body_bytes)
+        models = models_or_503()
+        prompt = _field(body, "prompt", str, check=_max_len(limits.max_prompt_chars))
+        seed = _field(body, "seed", int, 0, check=_in_range(0, 2**63 - 1))
+        steps = _field(body, "steps", int, 25, check=_in_range(1, limits.max_steps))
+        guidance = _field(body, "guidance_scale", (int, float), 5.0, check=_in_range(0, 30))
+        png = await compute(models.generate, prompt, seed, steps, float(guidance))
+        out = {
+            "image_base64": base64.b64encode(png).decode(),
+            "format": "png",
+            "prompt": prompt,
+            "seed": seed,
+            "steps": steps,
+            "guidance_scale": float(guidance),
+        }
+        return _ok(out, models)
+
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        return _error(exc.status, exc.code, exc.message)
+
+    async def on_input_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, InputError)
+        return _error(exc.status, exc.code, str(exc))
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    async def on_crash(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error on %s", request.url.path, exc_info=exc)
+        return _error(500, "internal", "internal server error")
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/v1/search", search, methods=["POST"]),
+            Route("/v1/images/generations", generations, methods=["POST"]),
+        ],
+        exception_handlers={
+            ApiError: on_api_error,
+            InputError: on_input_error,
+            HTTPException: on_http_error,
+            Exception: on_crash,
+        },
+    )
+    app.state.manager = manager
+    return app
+
+
+def _max_len(n: int):
+    return lambda v: f"is over {n} characters" if len(v) > n else None
+
+
+def _in_range(lo: float, hi: float):
+    return lambda v: f"must be between {lo} and {hi}" if not lo <= v <= hi else None
+
+
+def _subset(allowed: tuple[str, ...]):
+    def check(v: list) -> str | None:
+        bad = [m for m in v if m not in allowed]
+        return f"has unknown values {bad}; use {list(allowed)}" if bad else None
+
+    return check
+
+
+def _strings(v: list) -> str | None:
+    return None if all(isinstance(x, str) for x in v) else "must be a list of strings"
