@@ -39,6 +39,7 @@ def _latest_version(client: Any, name: str) -> dict[str, str]:
     deps=[generation_quality, clip_model, unified_projector, lora_base_model],
     group_name="serve",
     kinds={"pytorch", "mlflow", "s3"},
+    pool="serving_publish",  # one publisher at a time: CURRENT and history.jsonl are shared
     description="A self-contained serving bundle: CLIP towers and unified projector "
     "(TorchScript + safetensors), the approved LoRA (diffusers safetensors, and fused into "
     "the base UNet), a manifest with versions, MLflow run ids, source hashes, checksums and "
