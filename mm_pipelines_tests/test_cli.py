@@ -28,11 +28,17 @@ def test_sample_data_writes_every_modality_and_a_ready_marker(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory, demo_clip):
+def demo(tmp_path_factory, demo_clip, base_pipeline_dir):
     """`mm demo` run once in a fresh MM_HOME; (finished process, its environment)."""
     home = tmp_path_factory.mktemp("demo") / "mm"
-    # the demo CLIP of this test session stands in for the one `mm demo` would train
-    env = {**os.environ, "MM_HOME": str(home), "MM_CLIP_CHECKPOINT": str(demo_clip.checkpoint_path)}
+    # the demo CLIP and the tiny diffusion base of this test session stand in for the ones
+    # `mm demo` would train (their training assets are tested on their own)
+    env = {
+        **os.environ,
+        "MM_HOME": str(home),
+        "MM_CLIP_CHECKPOINT": str(demo_clip.checkpoint_path),
+        "MM_DIFFUSION_BASE": str(base_pipeline_dir),
+    }
     env.pop("DAGSTER_HOME", None)
     proc = run_mm("demo", env=env, timeout=1500)
     yield proc, env
@@ -87,7 +93,7 @@ def test_the_demo_ends_with_an_approved_exported_and_served_model(demo):
     assert all(c["ok"] and c["max_abs_diff"] <= c["bound"] for c in checks.values()), checks
     client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("mm-lora-orange-backdrop", "champion")
-    assert champion.version == manifest["models"]["diffusion"]["registered_version"]
+    assert str(champion.version) == str(manifest["models"]["diffusion"]["registered_version"])
     assert champion.tags["mm.bundle_version"] == version
 
 
@@ -101,7 +107,7 @@ def _run_notebook(name: str, env: dict, monkeypatch) -> list[dict]:
     import nbformat
     from nbclient import NotebookClient
 
-    for key in ("MM_HOME", "MM_CLIP_CHECKPOINT"):
+    for key in ("MM_HOME", "MM_CLIP_CHECKPOINT", "MM_DIFFUSION_BASE"):
         monkeypatch.setenv(key, env[key])  # the kernel inherits this environment
     notebook = nbformat.read(REPO / "notebooks" / name, as_version=4)
     NotebookClient(

@@ -271,3 +271,26 @@ def test_subjects_sensor_adds_new_and_changed_subjects_once(tmp_path, monkeypatc
         path.write_text("subjects: [name: oops")  # broken YAML: skip with the reason
         skipped = tick(second.cursor)
         assert isinstance(skipped, dg.SkipReason) and str(path) in skipped.skip_message
+
+
+def test_the_demo_base_model_is_trained_on_the_catalog_tracked_and_registered(env):
+    models = ModelsResource(models_dir=str(env.root / "base-models"))  # no MM_DIFFUSION_BASE
+    result = dg.materialize(
+        [lora_assets.lora_base_model],
+        instance=env.instance,
+        resources={**env.resources, "models": models},
+        run_config={"ops": {"lora_base_model": {"config": {"vae_steps": 20, "unet_steps": 20}}}},
+    )
+    meta = {
+        k: v.value
+        for k, v in result.asset_materializations_for_node("lora_base_model")[0].metadata.items()
+    }
+    assert meta["images"] == 15  # the sample batch's distinct captioned images (one is twice)
+    assert models.diffusion_base_dir().name == meta["model_version"]
+    load_pipeline(models.diffusion_base_dir(), device="cpu")  # a plain diffusers directory
+    client = env.mlflow()
+    (version,) = client.search_model_versions("name = 'mm-diffusion-base'")
+    assert version.tags["model_version"] == meta["model_version"]
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED"
+    assert len(client.get_metric_history(run.info.run_id, "unet_loss")) == 20
