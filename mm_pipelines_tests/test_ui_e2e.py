@@ -399,7 +399,6 @@ def test_the_whole_demo_graph_materializes_from_the_ui(dagster_dev: DagsterDev) 
         "gates": {"max_fid_ratio_to_base": None},
     }
     subjects.ensure_subject(quick, dagster_dev.mm_home / "subjects.yaml")
-    _launch(dagster_dev, "train_diffusion_base")  # MM_DIFFUSION_BASE: checked, not trained
     _launch(dagster_dev, "subject_pipeline", subjects.DEMO_SUBJECT["name"])
     quality = _latest_metadata(dagster_dev, "generation_quality")
     assert quality["adapter_n_fake"] == 8 and quality["base_fid"] > 0, quality
