@@ -173,6 +173,7 @@ def _demo_served_search(query: str) -> None:
     import urllib.request
 
     cmd = [sys.executable, "-m", "mm_pipelines.cli", "serve", "--port", "0", "--no-audio"]
+    cmd += ["--log-level", "warning"]  # its start-up lines would interleave with ours
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         first = server.stdout.readline() if server.stdout else ""
