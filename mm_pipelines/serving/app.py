@@ -170,6 +170,8 @@ def create_app(
     workers: int | None = None,
 ) -> Starlette:
     limiter = anyio.CapacityLimiter(workers or max(1, os.cpu_count() or 1))
+    # index queries wait on Postgres, not on our CPU: as many in flight as pooled connections
+    db_limiter = anyio.CapacityLimiter(pool.size if pool is not None else 1)
 
     def models_or_503() -> ServingModels:
         manager.nudge()
@@ -221,15 +223,17 @@ def create_app(
         if pool is None:
             raise ApiError(503, "no_catalog", "this server has no catalog database configured")
 
+        vector = await compute(models.embed_text, query)
+
         def run() -> list[dict[str, Any]]:
             return pool.run(
                 lambda conn: models.search(
-                    conn, query, k, tenant=tenant, modalities=modalities, batches=batches
+                    conn, vector, k, tenant=tenant, modalities=modalities, batches=batches
                 )
             )
 
         try:
-            hits = await compute(run)
+            hits = await anyio.to_thread.run_sync(run, limiter=db_limiter)
         except psycopg.OperationalError as err:
             log.warning("catalog unavailable: %s", err)
             raise ApiError(503, "catalog_unavailable", "the catalog is unavailable") from err
