@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from mm_pipelines.serving.manifest import BundleIntegrityError, read_manifest, verify_bundle
+from mm_pipelines.storage.vectors import COLUMNS
 
 SAMPLE_RATE = 16_000
 MODELS_FILE = "models.json"  # the manifest's models section, written before it
@@ -362,19 +363,9 @@ def _has_projector(conn: Any, version: str) -> bool:
     return bool(row[0])
 
 
-_HIT_FIELDS = (
-    "score",
-    "tenant",
-    "batch",
-    "item_kind",
-    "modality",
-    "content_hash",
-    "parent_hash",
-    "source_uri",
-    "start_s",
-    "end_s",
-    "chunk_index",
-    "text",
+# what a client sees of an index row: everything but the vector and our version bookkeeping
+_HIT_FIELDS = ("score",) + tuple(
+    c for c in COLUMNS if c not in ("encoder_version", "projector_version", "embedding")
 )
 
 

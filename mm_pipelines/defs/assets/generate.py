@@ -19,7 +19,6 @@ from mm_pipelines.defs.assets.lora import (
     load_base_pipeline,
     lora_adapter,
     no_retry_on_bad_input,
-    png_bytes,
     subject_of,
 )
 from mm_pipelines.defs.k8s import gpu_op_tags
@@ -32,6 +31,7 @@ from mm_pipelines.defs.resources import (
     ModelsResource,
 )
 from mm_pipelines.media.thumbnails import markdown_gallery
+from mm_pipelines.ml.frames import encode_image
 from mm_pipelines.serving.registry import CANDIDATE as CANDIDATE_ALIAS
 from mm_pipelines.serving.registry import GATE_TAG, alias_version
 from mm_pipelines.storage import generated
@@ -88,7 +88,7 @@ def generated_images(
     store = media_store.get_store()
     rows = []
     for g in images:
-        data = png_bytes(g.image)
+        data = encode_image(g.image, "png")
         content_hash, _ = store.put_bytes(data)
         rows.append(
             generated.GeneratedRow(
@@ -119,7 +119,9 @@ def generated_images(
             "adapter_version": record.adapter_version,
             "base_model_version": record.base_model_version,
             "images_per_second": round(len(rows) / seconds, 2),
-            "grid": dg.MetadataValue.md(markdown_gallery([("generated", png_bytes(grid))], 512)),
+            "grid": dg.MetadataValue.md(
+                markdown_gallery([("generated", encode_image(grid, "png"))], 512)
+            ),
         }
     )
 
@@ -218,8 +220,8 @@ def generation_quality(
             "base_vs_adapter": dg.MetadataValue.md(
                 markdown_gallery(
                     [
-                        ("base", png_bytes(image_grid(base))),
-                        ("adapter", png_bytes(image_grid(adapted))),
+                        ("base", encode_image(image_grid(base), "png")),
+                        ("adapter", encode_image(image_grid(adapted), "png")),
                     ],
                     384,
                 )

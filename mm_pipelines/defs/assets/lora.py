@@ -28,6 +28,7 @@ from mm_pipelines.defs.resources import (
     step_metrics,
 )
 from mm_pipelines.media.thumbnails import markdown_gallery
+from mm_pipelines.ml.frames import encode_image
 from mm_pipelines.storage import generated
 
 RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
@@ -35,12 +36,6 @@ RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 
 def lora_model_name(subject: str) -> str:
     return f"mm-lora-{subject}"
-
-
-def png_bytes(image: Any) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def write_pointer(pointer: Path, target: str) -> None:
@@ -218,7 +213,8 @@ def lora_training_set(
     save_training_set(ts, tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
-    gallery = [(h[:12], png_bytes(im)) for h, im in zip(ts.source_hashes, ts.images, strict=True)]
+    pairs = zip(ts.source_hashes, ts.images, strict=True)
+    gallery = [(h[:12], encode_image(im, "png")) for h, im in pairs]
     return dg.MaterializeResult(
         metadata={
             "images": len(ts.images),
@@ -300,17 +296,6 @@ def lora_adapter(
     compute: ComputeResource,
     mlflow_tracking: MLflowResource,
 ) -> dg.MaterializeResult:
-    with no_retry_on_bad_input():
-        return _train_adapter(context, config, models, compute, mlflow_tracking)
-
-
-def _train_adapter(
-    context: dg.AssetExecutionContext,
-    config: LoraAdapterConfig,
-    models: ModelsResource,
-    compute: ComputeResource,
-    mlflow_tracking: MLflowResource,
-) -> dg.MaterializeResult:
     import mlflow
 
     from mm_pipelines.ml.generate import image_grid
@@ -323,128 +308,136 @@ def _train_adapter(
         weights_version,
     )
 
-    subject = subject_of(context)
-    folder = models.subject_dir(subject.name)
-    ts = load_training_set(folder / "training_set")
-    base_dir = models.diffusion_base_dir()
-    base_version = weights_version(base_dir, "sd")
-    overrides = {"steps": config.steps} if config.steps else {}
-    cfg = subjects.lora_config(
-        subject,
-        **LORA_DEFAULTS,
-        validation_prompts=subject.generation_prompts[:2],
-        resume=config.resume,
-    )
-    cfg = dataclasses.replace(cfg, **overrides)
-    features = None
-    if subject.validation_metric == "clip_distance":
-        features = clip_features(load_clip(models, compute))
-    metric = validation_metric(subject.validation_metric, ts.images, features)
-    # checkpoints live per (training set, settings): a retry resumes, a change starts afresh
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
-    key = json.dumps([ts.version, base_version, settings, subject.validation_metric], default=str)
-    work = folder / "work" / hashlib.sha256(key.encode()).hexdigest()[:12]
-    pipe = load_base_pipeline(models, compute)
-    last_grid: dict[str, bytes] = {}
-    with (
-        mlflow_tracking.start_run(context, tags={"subject": subject.name}) as run,
-        step_metrics(run) as log_step,
-    ):
-        mlflow.log_params(
-            {
-                **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "validation_prompts"},
-                "subject": subject.name,
-                "instance_prompt": subject.instance_prompt,
-                "training_set_version": ts.version,
-                "training_images": len(ts.images),
-                "base_model_version": base_version,
-                "validation_metric": subject.validation_metric,
-            }
+    with no_retry_on_bad_input():  # bad settings fail once, not three times
+        subject = subject_of(context)
+        folder = models.subject_dir(subject.name)
+        ts = load_training_set(folder / "training_set")
+        base_dir = models.diffusion_base_dir()
+        base_version = weights_version(base_dir, "sd")
+        overrides = {"steps": config.steps} if config.steps else {}
+        cfg = subjects.lora_config(
+            subject,
+            **LORA_DEFAULTS,
+            validation_prompts=subject.generation_prompts[:2],
+            resume=config.resume,
         )
+        cfg = dataclasses.replace(cfg, **overrides)
+        features = None
+        if subject.validation_metric == "clip_distance":
+            features = clip_features(load_clip(models, compute))
+        metric = validation_metric(subject.validation_metric, ts.images, features)
+        # checkpoints live per (training set, settings): a retry resumes, a change starts afresh
+        settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
+        key = json.dumps(
+            [ts.version, base_version, settings, subject.validation_metric], default=str
+        )
+        work = folder / "work" / hashlib.sha256(key.encode()).hexdigest()[:12]
+        pipe = load_base_pipeline(models, compute)
+        last_grid: dict[str, bytes] = {}
+        with (
+            mlflow_tracking.start_run(context, tags={"subject": subject.name}) as run,
+            step_metrics(run) as log_step,
+        ):
+            mlflow.log_params(
+                {
+                    **{
+                        k: v
+                        for k, v in dataclasses.asdict(cfg).items()
+                        if k != "validation_prompts"
+                    },
+                    "subject": subject.name,
+                    "instance_prompt": subject.instance_prompt,
+                    "training_set_version": ts.version,
+                    "training_images": len(ts.images),
+                    "base_model_version": base_version,
+                    "validation_metric": subject.validation_metric,
+                }
+            )
 
-        def on_step(step: int, loss: float) -> None:
-            log_step("loss", loss, step)
-            if step % 50 == 0:
-                context.log.info(f"step {step}/{cfg.steps} loss {loss:.4f}")
+            def on_step(step: int, loss: float) -> None:
+                log_step("loss", loss, step)
+                if step % 50 == 0:
+                    context.log.info(f"step {step}/{cfg.steps} loss {loss:.4f}")
 
-        def on_validation(step: int, images: list, value: float | None) -> None:
-            grid = image_grid([g.image for g in images])
-            mlflow.log_image(grid, artifact_file=f"validation/step_{step:06d}.png")
-            if value is not None:
-                mlflow.log_metric(f"val_{subject.validation_metric}", value, step=step)
-            last_grid["png"] = png_bytes(grid.resize((grid.width * 2, grid.height * 2)))
+            def on_validation(step: int, images: list, value: float | None) -> None:
+                grid = image_grid([g.image for g in images])
+                mlflow.log_image(grid, artifact_file=f"validation/step_{step:06d}.png")
+                if value is not None:
+                    mlflow.log_metric(f"val_{subject.validation_metric}", value, step=step)
+                big = grid.resize((grid.width * 2, grid.height * 2))
+                last_grid["png"] = encode_image(big, "png")
 
-        result = train_lora(
-            pipe,
-            ts.images,
-            ts.captions,
-            work,
-            cfg,
-            class_prompt=subject.class_prompt,
-            on_step=on_step,
-            on_validation=on_validation,
-            validation_metric=metric,
-        )
-        adapter_version = weights_version(result.adapter_dir, "lora")
-        target = folder / "adapters" / adapter_version
-        if not target.exists():
-            shutil.copytree(result.adapter_dir, target.with_suffix(".tmp"), dirs_exist_ok=True)
-            os.replace(target.with_suffix(".tmp"), target)
-        mlflow.log_metrics(
-            {
-                "final_loss": result.losses[-1],
-                "steps_done": result.steps_done,
-                "seconds": result.seconds,
-            }
-        )
-        mlflow.log_artifacts(str(target), artifact_path="adapter")
-        name = lora_model_name(subject.name)
-        registered = mlflow_tracking.register(
-            run,
-            "adapter",
-            name,
-            tags={
-                "subject": subject.name,
-                "adapter_version": adapter_version,
-                "base_model_version": base_version,
-                "training_set_version": ts.version,
-            },
-        )
-        record = AdapterRecord(
-            subject=subject.name,
-            adapter_version=adapter_version,
-            adapter_dir=str(target),
-            base_model_version=base_version,
-            base_model_dir=str(base_dir),
-            training_set_version=ts.version,
-            registered_model=name,
-            registered_version=registered,
-            mlflow_run_id=run.info.run_id,
-            steps_done=result.steps_done,
-            best_step=result.best_step,
-            params={"resumed_from_step": result.resumed_from_step},
-        )
-        tmp = folder / "adapter.json.tmp"
-        record.save(tmp)
-        os.replace(tmp, folder / "adapter.json")
-    metadata: dict[str, Any] = {
-        "adapter_version": adapter_version,
-        "registered": f"{name} v{registered}",
-        "steps_done": result.steps_done,
-        "resumed_from_step": result.resumed_from_step,
-        "first_loss": result.losses[0],
-        "final_loss": result.losses[-1],
-        "stopped_early": result.stopped_early,
-        "best_step": result.best_step,
-        "best_validation": result.best_metric,
-        "train_seconds": round(result.seconds, 1),
-        "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run)),
-    }
-    if "png" in last_grid:
-        metadata["validation_grid"] = dg.MetadataValue.md(
-            markdown_gallery([("validation", last_grid["png"])], max_px=256)
-        )
-    return dg.MaterializeResult(metadata=metadata)
+            result = train_lora(
+                pipe,
+                ts.images,
+                ts.captions,
+                work,
+                cfg,
+                class_prompt=subject.class_prompt,
+                on_step=on_step,
+                on_validation=on_validation,
+                validation_metric=metric,
+            )
+            adapter_version = weights_version(result.adapter_dir, "lora")
+            target = folder / "adapters" / adapter_version
+            if not target.exists():
+                shutil.copytree(result.adapter_dir, target.with_suffix(".tmp"), dirs_exist_ok=True)
+                os.replace(target.with_suffix(".tmp"), target)
+            mlflow.log_metrics(
+                {
+                    "final_loss": result.losses[-1],
+                    "steps_done": result.steps_done,
+                    "seconds": result.seconds,
+                }
+            )
+            mlflow.log_artifacts(str(target), artifact_path="adapter")
+            name = lora_model_name(subject.name)
+            registered = mlflow_tracking.register(
+                run,
+                "adapter",
+                name,
+                tags={
+                    "subject": subject.name,
+                    "adapter_version": adapter_version,
+                    "base_model_version": base_version,
+                    "training_set_version": ts.version,
+                },
+            )
+            record = AdapterRecord(
+                subject=subject.name,
+                adapter_version=adapter_version,
+                adapter_dir=str(target),
+                base_model_version=base_version,
+                base_model_dir=str(base_dir),
+                training_set_version=ts.version,
+                registered_model=name,
+                registered_version=registered,
+                mlflow_run_id=run.info.run_id,
+                steps_done=result.steps_done,
+                best_step=result.best_step,
+                params={"resumed_from_step": result.resumed_from_step},
+            )
+            tmp = folder / "adapter.json.tmp"
+            record.save(tmp)
+            os.replace(tmp, folder / "adapter.json")
+        metadata: dict[str, Any] = {
+            "adapter_version": adapter_version,
+            "registered": f"{name} v{registered}",
+            "steps_done": result.steps_done,
+            "resumed_from_step": result.resumed_from_step,
+            "first_loss": result.losses[0],
+            "final_loss": result.losses[-1],
+            "stopped_early": result.stopped_early,
+            "best_step": result.best_step,
+            "best_validation": result.best_metric,
+            "train_seconds": round(result.seconds, 1),
+            "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run)),
+        }
+        if "png" in last_grid:
+            metadata["validation_grid"] = dg.MetadataValue.md(
+                markdown_gallery([("validation", last_grid["png"])], max_px=256)
+            )
+        return dg.MaterializeResult(metadata=metadata)
 
 
 def adapter_record(models: ModelsResource, subject: str) -> Any:
