@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from mm_pipelines.ml.clip_encode import encode_images, open_image
-from mm_pipelines.ml.clip_models import load_clip
+from mm_pipelines.models.clip.encode import encode_images, open_image
+from mm_pipelines.models.clip.loading import load_clip
 
 
 def make_photos(folder: Path, n: int, seed: int = 0) -> list[str]:

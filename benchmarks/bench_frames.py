@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mm_pipelines.ml import frames as F  # noqa: E402
+from mm_pipelines.models.video import frames as F  # noqa: E402
 
 WIDTH, HEIGHT, FPS = 1280, 720, 30
 SHOTS = 8

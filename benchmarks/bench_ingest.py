@@ -18,8 +18,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from mm_pipelines.media.ingest import ingest_batch
-from mm_pipelines.media.sample_data import write_sample_batch
+from mm_pipelines.pipeline.ingest import ingest_batch
+from mm_pipelines.pipeline.sample_data import write_sample_batch
 from mm_pipelines.storage.landing import LocalLanding
 from mm_pipelines.storage.media_store import LocalMediaStore
 

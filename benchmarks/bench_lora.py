@@ -4,7 +4,7 @@ Run: .venv/bin/python benchmarks/bench_lora.py [--device auto|cpu|cuda] [--steps
      [--rounds 3] [--threads 1]
 Prints ONE JSON object.
 
-- lora.ratio: median step time of `mm_pipelines.ml.lora.train_lora` (checkpointing and
+- lora.ratio: median step time of `mm_pipelines.models.diffusion.lora.train_lora` (checkpointing and
   callbacks included) / median step time of a minimal diffusers+peft loop written the way
   diffusers' train_text_to_image_lora example does it (VAE + text encoder every step),
   same model, batch, rank, optimizer. Target <= 1.1.
@@ -35,18 +35,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from mm_pipelines.ml.diffusion_base import (
-    TinyDiffusionConfig,
-    build_tiny_pipeline,
-    count_parameters,
+from mm_pipelines.models.common import resolve_device
+from mm_pipelines.models.demo.tiny_diffusion import TinyDiffusionConfig, build_tiny_pipeline
+from mm_pipelines.models.diffusion.generate import generate_images
+from mm_pipelines.models.diffusion.lora import LoraTrainConfig, train_lora
+from mm_pipelines.models.diffusion.pipeline import count_parameters, encode_prompts
+from mm_pipelines.models.diffusion.training import (
     encode_latent_dist,
-    encode_prompts,
     images_to_tensor,
     make_optimizer,
-    resolve_device,
 )
-from mm_pipelines.ml.generate import generate_images
-from mm_pipelines.ml.lora import LoraTrainConfig, train_lora
 
 PROMPT = "a photo of sks"
 
@@ -260,9 +258,9 @@ def bench_assets(device: torch.device, steps: int, rounds: int) -> dict[str, Any
         MLflowResource,
         ModelsResource,
     )
-    from mm_pipelines.ml.diffusion_base import load_pipeline, save_pipeline
-    from mm_pipelines.ml.lora import load_adapter
-    from mm_pipelines.ml.subject_lora import TrainingSet, save_training_set
+    from mm_pipelines.models.diffusion.lora import load_adapter
+    from mm_pipelines.models.diffusion.pipeline import load_pipeline, save_pipeline
+    from mm_pipelines.models.diffusion.training_set import TrainingSet, save_training_set
     from mm_pipelines.storage.postgres import stop_embedded
 
     bs, n_seeds, gen_steps, guidance = 8, 16, 20, 3.0

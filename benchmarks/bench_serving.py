@@ -100,8 +100,8 @@ def _summary(latencies: list[float], seconds: float, failures: int = 0) -> dict:
 def make_bundle(root: Path, arch: str) -> Path:
     import torch
 
-    from mm_pipelines.ml.clip_models import load_clip, save_checkpoint
-    from mm_pipelines.ml.projector import (
+    from mm_pipelines.models.clip.loading import load_clip, save_checkpoint
+    from mm_pipelines.models.unified.projector import (
         AudioHead,
         ProjectorConfig,
         UnifiedProjector,

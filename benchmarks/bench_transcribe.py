@@ -39,9 +39,10 @@ import jiwer
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mm_pipelines.ml import speech as S  # noqa: E402
+from mm_pipelines.models.speech import whisper as S  # noqa: E402
+from mm_pipelines.pipeline.sample_data import SPEECH_DIR  # noqa: E402
 
-CLIPS = Path(S.__file__).parents[1] / "media" / "samples" / "speech"
+CLIPS = Path(str(SPEECH_DIR))
 SR = S.SAMPLE_RATE
 
 

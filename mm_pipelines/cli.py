@@ -12,7 +12,7 @@ from mm_pipelines import settings
 
 
 def _cmd_sample_data(args: argparse.Namespace) -> int:
-    from mm_pipelines.media.sample_data import write_sample_batch
+    from mm_pipelines.pipeline.sample_data import write_sample_batch
 
     folder = write_sample_batch(Path(args.landing or settings.landing_uri()), args.batch)
     print(f"wrote sample batch {args.batch!r} to {folder}")
@@ -89,7 +89,7 @@ DEMO_QUERIES = [
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mm_pipelines.defs.resources import build_resources
-    from mm_pipelines.media.sample_data import write_sample_batch
+    from mm_pipelines.pipeline.sample_data import write_sample_batch
 
     landing = Path(settings.landing_uri())
     if str(landing).startswith("s3:"):
@@ -140,7 +140,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _lora_demo_steps(models) -> list[tuple[str, str | None, list[str] | None]]:
     """The demo subject, declared in the subjects file, trained, generated and evaluated."""
-    from mm_pipelines import subjects
+    from mm_pipelines.pipeline import subjects
 
     path = subjects.ensure_subject(subjects.DEMO_SUBJECT)
     print(f"demo subject {subjects.DEMO_SUBJECT['name']!r} declared in {path}", flush=True)
@@ -200,7 +200,7 @@ def _demo_served_search(query: str) -> None:
 
 
 def subjects_demo_name() -> str:
-    from mm_pipelines import subjects
+    from mm_pipelines.pipeline import subjects
 
     return str(subjects.DEMO_SUBJECT["name"])
 
@@ -213,7 +213,7 @@ def _search(
     modalities: list[str] | None = None,
 ):
     from mm_pipelines.defs.resources import build_resources
-    from mm_pipelines.ml.search import QueryModels, search
+    from mm_pipelines.pipeline.search import QueryModels, search
 
     res = build_resources()
     models, compute = res["models"], res["compute"]
@@ -255,7 +255,7 @@ def _print_results(results) -> None:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from mm_pipelines.ml.search import SearchError
+    from mm_pipelines.pipeline.search import SearchError
 
     query: str | Path = Path(args.file) if args.file else " ".join(args.query)
     try:
@@ -293,7 +293,7 @@ def _cmd_dev(args: argparse.Namespace) -> int:
 def _cmd_rollback(args: argparse.Namespace) -> int:
     """Point the serving store and the `champion` alias back at a published bundle."""
     from mm_pipelines.defs.resources import build_resources
-    from mm_pipelines.serving import registry
+    from mm_pipelines.pipeline import registry
     from mm_pipelines.serving.manifest import MANIFEST, BundleIntegrityError
     from mm_pipelines.serving.store import bundle_key, rollback
 

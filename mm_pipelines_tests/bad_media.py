@@ -11,7 +11,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from mm_pipelines.media.sample_data import write_video
+from mm_pipelines.pipeline.sample_data import write_video
 
 
 def png_bytes(colour: tuple[int, int, int] = (200, 30, 30), size: int = 64) -> bytes:

@@ -80,7 +80,7 @@ def mm_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def demo_clip(tmp_path_factory: pytest.TempPathFactory):
     """The tiny CLIP trained exactly as `mm demo` trains it (once per test session);
     a TrainResult whose `checkpoint_path` holds the weights."""
-    from mm_pipelines.ml.clip_train import DEMO_TRAIN_CONFIG, train_clip
+    from mm_pipelines.models.demo.tiny_clip import DEMO_TRAIN_CONFIG, train_clip
 
     path = tmp_path_factory.mktemp("demo_clip") / "open_clip_model.safetensors"
     return train_clip(DEMO_TRAIN_CONFIG, device="cpu", checkpoint_path=path)
@@ -89,6 +89,6 @@ def demo_clip(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def base_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny diffusion base pipeline trained on drawn shapes (32 px), once per session."""
-    from mm_pipelines_tests.ml.conftest_diffusion import make_base_pipeline_dir
+    from mm_pipelines_tests.models.conftest_diffusion import make_base_pipeline_dir
 
     return make_base_pipeline_dir(tmp_path_factory)

@@ -19,7 +19,6 @@ import yaml
 from dagster_aws.s3 import S3Resource
 from PIL import Image
 
-from mm_pipelines import subjects
 from mm_pipelines.defs.assets import generate as gen_assets
 from mm_pipelines.defs.assets import lora as lora_assets
 from mm_pipelines.defs.assets.ingest import raw_media
@@ -34,11 +33,12 @@ from mm_pipelines.defs.resources import (
     ModelsResource,
 )
 from mm_pipelines.defs.sensors import subjects_sensor
-from mm_pipelines.media.sample_data import write_sample_batch
-from mm_pipelines.ml.diffusion_base import load_pipeline
-from mm_pipelines.ml.generate import generate_images
-from mm_pipelines.ml.lora import load_adapter
-from mm_pipelines_tests.ml.conftest_diffusion import torch_threads
+from mm_pipelines.models.diffusion.generate import generate_images
+from mm_pipelines.models.diffusion.lora import load_adapter
+from mm_pipelines.models.diffusion.pipeline import load_pipeline
+from mm_pipelines.pipeline import subjects
+from mm_pipelines.pipeline.sample_data import write_sample_batch
+from mm_pipelines_tests.models.conftest_diffusion import torch_threads
 
 SUBJECT = subjects.DEMO_SUBJECT["name"]
 CHECKS = [lora_assets.enough_images, gen_assets.quality_gates]

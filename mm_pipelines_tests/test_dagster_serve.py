@@ -11,7 +11,7 @@ import pytest
 
 from mm_pipelines.defs.resources import MLflowResource
 from mm_pipelines.defs.sensors import serving_sensor
-from mm_pipelines.serving import registry
+from mm_pipelines.pipeline import registry
 
 NAME = "mm-lora-acme"
 

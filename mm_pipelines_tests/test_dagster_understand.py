@@ -19,8 +19,8 @@ from mm_pipelines.defs.resources import (
     LandingResource,
     MediaStoreResource,
 )
-from mm_pipelines.media.sample_data import SPEECH_DIR, scene_frames, write_video
-from mm_pipelines.ml.speech import load_audio
+from mm_pipelines.models.speech.whisper import load_audio
+from mm_pipelines.pipeline.sample_data import SPEECH_DIR, scene_frames, write_video
 
 SCENES = [("red", "circle", "blue"), ("green", "square", "white"), ("yellow", "cross", "black")]
 

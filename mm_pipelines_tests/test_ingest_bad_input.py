@@ -10,7 +10,7 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 
-from mm_pipelines.media.ingest import IngestReport, ingest_batch
+from mm_pipelines.pipeline.ingest import IngestReport, ingest_batch
 from mm_pipelines.storage.landing import LocalLanding
 from mm_pipelines.storage.media_store import LocalMediaStore
 from mm_pipelines_tests import bad_media

@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from mm_pipelines.media.ingest import ingest_batch
+from mm_pipelines.pipeline.ingest import ingest_batch
 from mm_pipelines.storage import postgres
 from mm_pipelines.storage.landing import LocalLanding
 from mm_pipelines.storage.media_store import LocalMediaStore

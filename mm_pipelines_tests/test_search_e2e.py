@@ -29,10 +29,10 @@ from mm_pipelines.defs.resources import (
     MLflowResource,
     ModelsResource,
 )
-from mm_pipelines.media.sample_data import SPEECH_DIR, scene_frames, write_video
-from mm_pipelines.ml.search import QueryModels, search
-from mm_pipelines.ml.shapes import draw_shape
-from mm_pipelines.ml.speech import load_audio
+from mm_pipelines.models.demo.shapes import draw_shape
+from mm_pipelines.models.speech.whisper import load_audio
+from mm_pipelines.pipeline.sample_data import SPEECH_DIR, scene_frames, write_video
+from mm_pipelines.pipeline.search import QueryModels, search
 from mm_pipelines.storage import vectors
 from mm_pipelines.storage.postgres import connect
 

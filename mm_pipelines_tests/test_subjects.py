@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from mm_pipelines import subjects
+from mm_pipelines.pipeline import subjects
 
 
 def write(path, *raw) -> None:

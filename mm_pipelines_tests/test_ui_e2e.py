@@ -26,7 +26,7 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from mm_pipelines.media.sample_data import write_sample_batch
+from mm_pipelines.pipeline.sample_data import write_sample_batch
 from mm_pipelines.storage.landing import MANIFEST, READY_MARKER
 from mm_pipelines.storage.postgres import stop_embedded
 
@@ -375,7 +375,7 @@ def test_the_whole_demo_graph_materializes_from_the_ui(dagster_dev: DagsterDev) 
     """What `mm demo` runs, launched job by job through the UI's API: the batch through
     the encoders, the projector, the index, a subject's LoRA to its quality report, and
     the export of the approved model."""
-    from mm_pipelines import subjects
+    from mm_pipelines.pipeline import subjects
 
     repo, _ = _selectors(dagster_dev)
     for name, key in (("batch", BATCH), ("subject", subjects.DEMO_SUBJECT["name"])):

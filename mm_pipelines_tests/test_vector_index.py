@@ -107,8 +107,9 @@ def test_ann_recall_matches_exact_search(pg_dsn):
 @pytest.fixture(scope="module")
 def query_models(tmp_path_factory):
     """An untrained tiny CLIP and projector: enough to test the query path's errors."""
-    from mm_pipelines.ml import clip_models, projector
-    from mm_pipelines.ml.search import QueryModels
+    from mm_pipelines.models.clip import loading as clip_models
+    from mm_pipelines.models.unified import projector
+    from mm_pipelines.pipeline.search import QueryModels
 
     bundle = clip_models.load_clip(device="cpu")
     head = projector.AudioHead(384, 16, bundle.embed_dim)
@@ -119,14 +120,14 @@ def query_models(tmp_path_factory):
 
 
 def test_search_of_an_empty_index_says_so(pg_dsn, query_models):
-    from mm_pipelines.ml.search import SearchError, search
+    from mm_pipelines.pipeline.search import SearchError, search
 
     with connect(pg_dsn) as conn, pytest.raises(SearchError, match="index has no vectors"):
         search(conn, query_models, "a red circle")
 
 
 def test_query_in_an_unsupported_format_is_refused_clearly(pg_dsn, query_models, tmp_path):
-    from mm_pipelines.ml.search import SearchError, search
+    from mm_pipelines.pipeline.search import SearchError, search
 
     pdf = tmp_path / "brief.pdf"
     pdf.write_bytes(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n")

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import dagster as dg
 
-from mm_pipelines import subjects
 from mm_pipelines.defs.jobs import (
     batch_pipeline,
     export_online_model_job,
@@ -16,6 +15,7 @@ from mm_pipelines.defs.jobs import (
 )
 from mm_pipelines.defs.partitions import batch_partitions, subject_partitions
 from mm_pipelines.defs.resources import LandingResource, MLflowResource
+from mm_pipelines.pipeline import subjects
 
 
 @dg.sensor(
@@ -100,7 +100,7 @@ def _quick_mlflow_failures() -> Iterator[None]:
     "(alias `candidate`) is exported and published once (run key per version).",
 )
 def serving_sensor(context: dg.SensorEvaluationContext, mlflow_tracking: MLflowResource):
-    from mm_pipelines.serving import registry
+    from mm_pipelines.pipeline import registry
 
     # cursor: "name/version" -> last_updated of every version already requested
     requested = json.loads(context.cursor) if context.cursor else {}

@@ -133,7 +133,7 @@ def _export_clip(out: Path, architecture: str, checkpoint: str) -> tuple[Any, di
     import open_clip
     from open_clip.tokenizer import SimpleTokenizer, default_bpe
 
-    from mm_pipelines.ml.clip_models import load_clip, save_local_dir
+    from mm_pipelines.models.clip.loading import load_clip, save_local_dir
 
     clip = load_clip(architecture, checkpoint, device="cpu", precision="fp32")
     if not isinstance(clip.tokenizer, SimpleTokenizer):
@@ -171,7 +171,11 @@ def _export_clip(out: Path, architecture: str, checkpoint: str) -> tuple[Any, di
 
 
 def _export_projector(out: Path, projector_dir: Path) -> tuple[Any, dict[str, Any]]:
-    from mm_pipelines.ml.projector import CONFIG_FILENAME, WEIGHTS_FILENAME, load_projector
+    from mm_pipelines.models.unified.projector import (
+        CONFIG_FILENAME,
+        WEIGHTS_FILENAME,
+        load_projector,
+    )
 
     projector = load_projector(projector_dir, device="cpu")
     folder = out / "projector"
@@ -192,7 +196,7 @@ def _export_projector(out: Path, projector_dir: Path) -> tuple[Any, dict[str, An
 
 def _whisper_reference(whisper_model_dir: str | Path | None, projector) -> dict[str, Any]:
     """Whisper is referenced (a model directory + its content version), never copied."""
-    from mm_pipelines.ml.audio_embed import load_whisper_encoder
+    from mm_pipelines.models.speech.audio_encoder import load_whisper_encoder
 
     encoder = load_whisper_encoder(whisper_model_dir, device="cpu")
     want = projector.config.audio_model_version
@@ -220,8 +224,8 @@ def _export_diffusion(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Copy the adapter, save the pipeline (LoRA fused when asked), return the reference
     image computed by the training-side way: base pipeline + adapter loaded unfused."""
-    from mm_pipelines.ml.diffusion_base import load_pipeline, save_pipeline
-    from mm_pipelines.ml.lora import WEIGHT_NAME, load_adapter
+    from mm_pipelines.models.diffusion.lora import WEIGHT_NAME, load_adapter
+    from mm_pipelines.models.diffusion.pipeline import load_pipeline, save_pipeline
 
     folder = out / "diffusion"
     pipe = load_pipeline(base_dir, device="cpu", precision="fp32")
@@ -245,7 +249,7 @@ def _export_diffusion(
 
 
 def _generate_np(pipe: Any, prompt: str, seed: int, steps: int) -> np.ndarray:
-    from mm_pipelines.ml.generate import seed_generators
+    from mm_pipelines.models.diffusion.generate import seed_generators
 
     with torch.no_grad():
         result = pipe(
@@ -262,7 +266,7 @@ def _references(out: Path, clip, projector, diffusion_ref: np.ndarray | None) ->
     """Fixed inputs and the training-side outputs on them (verify/)."""
     from safetensors.numpy import save_file
 
-    from mm_pipelines.ml.clip_encode import encode_images, encode_text_query
+    from mm_pipelines.models.clip.encode import encode_images, encode_text_query
 
     images = _verify_images()
     enc = encode_images(clip, images, num_workers=0)

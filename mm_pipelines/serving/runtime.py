@@ -149,7 +149,7 @@ class ServingModels:
     # ------------------------------------------------------------------- embeddings
 
     def _text_tokens(self, text: str) -> torch.Tensor | None:
-        from mm_pipelines.ml.clip_encode import chunk_text
+        from mm_pipelines.models.clip.encode import chunk_text
 
         tok = self.clip.tokenizer
         chunks = chunk_text(text, tok, self.clip.context_length)
@@ -174,7 +174,7 @@ class ServingModels:
         return _l2(_l2(vecs.mean(axis=0)))  # chunk mean, then the identity projection
 
     def embed_image(self, data: bytes, max_pixels: int | None = None) -> np.ndarray:
-        from mm_pipelines.ml.clip_encode import open_image
+        from mm_pipelines.models.clip.encode import open_image
 
         try:
             with Image.open(io.BytesIO(data)) as probe:  # header only: size before decoding
@@ -206,7 +206,7 @@ class ServingModels:
         return self.embed_audio_samples(audio)
 
     def embed_audio_samples(self, audio: np.ndarray) -> np.ndarray:
-        from mm_pipelines.ml.audio_embed import embed_audio
+        from mm_pipelines.models.speech.audio_encoder import embed_audio
 
         if self.whisper is None:
             raise InputError("this server has no audio model loaded", "no_audio_model", 422)
@@ -223,7 +223,7 @@ class ServingModels:
         self, prompt: str, seed: int, steps: int, guidance_scale: float = 5.0
     ) -> np.ndarray:
         """[H, W, 3] float32 in [0, 1]; the same seed gives the same image on any device."""
-        from mm_pipelines.ml.generate import seed_generators
+        from mm_pipelines.models.diffusion.generate import seed_generators
 
         if self.pipeline is None:
             raise InputError("this bundle has no image generator", "no_generator", 422)
@@ -327,7 +327,7 @@ def _unsealed_manifest(root: Path) -> dict[str, Any]:
 
 def _load_whisper(info: dict[str, Any], override_dir: str | Path | None) -> Any:
     """The referenced Whisper model; refused when its weights are not the exported ones."""
-    from mm_pipelines.ml.audio_embed import load_whisper_encoder
+    from mm_pipelines.models.speech.audio_encoder import load_whisper_encoder
 
     model_dir = override_dir or info.get("model_dir")
     if model_dir is not None and not Path(model_dir).is_dir():
@@ -376,7 +376,7 @@ def _public_hit(hit: dict[str, Any]) -> dict[str, Any]:
 
 
 def _decode_audio(data: bytes, max_seconds: float | None) -> np.ndarray:
-    from mm_pipelines.ml import speech
+    from mm_pipelines.models.speech import whisper as speech
 
     # load_audio (PyAV) wants a path: a private temp file, removed right after decoding
     fd, path = tempfile.mkstemp(prefix="mm-serve-audio-")

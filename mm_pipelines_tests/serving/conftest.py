@@ -33,8 +33,8 @@ class ModelSet:
 
 
 def _clip_and_projector(root: Path, name: str, seed: int, audio_dim: int, audio_version: str):
-    from mm_pipelines.ml.clip_models import load_clip, save_checkpoint
-    from mm_pipelines.ml.projector import (
+    from mm_pipelines.models.clip.loading import load_clip, save_checkpoint
+    from mm_pipelines.models.unified.projector import (
         AudioHead,
         ProjectorConfig,
         UnifiedProjector,
@@ -56,8 +56,9 @@ def _clip_and_projector(root: Path, name: str, seed: int, audio_dim: int, audio_
 
 
 def _diffusion(root: Path) -> tuple[Path, Path]:
-    from mm_pipelines.ml.diffusion_base import build_tiny_pipeline, save_pipeline
-    from mm_pipelines.ml.lora import LoraTrainConfig, add_lora_adapters, save_adapter
+    from mm_pipelines.models.demo.tiny_diffusion import build_tiny_pipeline
+    from mm_pipelines.models.diffusion.lora import LoraTrainConfig, add_lora_adapters, save_adapter
+    from mm_pipelines.models.diffusion.pipeline import save_pipeline
 
     pipe = build_tiny_pipeline(seed=0)
     save_pipeline(pipe, root / "diffusion_base")
@@ -73,7 +74,7 @@ def _diffusion(root: Path) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def whisper_info() -> tuple[int, str]:
-    from mm_pipelines.ml.audio_embed import load_whisper_encoder
+    from mm_pipelines.models.speech.audio_encoder import load_whisper_encoder
 
     enc = load_whisper_encoder(device="cpu")
     return enc.dim, enc.model_version

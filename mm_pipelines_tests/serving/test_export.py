@@ -12,17 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mm_pipelines.media.sample_data import SPEECH_DIR
+from mm_pipelines.pipeline.sample_data import SPEECH_DIR
 from mm_pipelines.serving.manifest import BundleIntegrityError, verify_bundle
 from mm_pipelines_tests.serving.conftest import child_env, export, png_bytes
 
 TEXTS = ["a red circle on a blue background", "green square", "word " * 60]
 TRAINING_MODULES = (
-    "mm_pipelines.ml.clip_train",
-    "mm_pipelines.ml.projector",
-    "mm_pipelines.ml.diffusion_base",
-    "mm_pipelines.ml.lora",
-    "mm_pipelines.ml.search",
+    "mm_pipelines.models.demo.tiny_clip",
+    "mm_pipelines.models.unified.projector",
+    "mm_pipelines.models.diffusion.pipeline",
+    "mm_pipelines.models.diffusion.lora",
+    "mm_pipelines.pipeline.search",
 )
 
 FRESH_PROCESS = """
@@ -78,7 +78,7 @@ def fresh_process_output(bundle_a, query_files) -> dict:
 def test_fresh_process_vectors_match_training_side_within_recorded_bound(
     bundle_a, model_sets, query_files, fresh_process_output
 ):
-    from mm_pipelines.ml.search import QueryModels, embed_query
+    from mm_pipelines.pipeline.search import QueryModels, embed_query
 
     src = model_sets["a"]
     training = QueryModels.load("mm-tiny-clip", str(src.clip_checkpoint), src.projector_dir)
@@ -132,9 +132,9 @@ def test_manifest_records_models_checks_and_every_file(bundle_a):
 
 def test_fused_pipeline_generates_what_base_plus_adapter_generates(bundle_a, model_sets):
     """The bundle's plain diffusers pipeline (LoRA fused) = base + adapter, unfused."""
-    from mm_pipelines.ml.diffusion_base import load_pipeline
-    from mm_pipelines.ml.generate import generate_images
-    from mm_pipelines.ml.lora import load_adapter
+    from mm_pipelines.models.diffusion.generate import generate_images
+    from mm_pipelines.models.diffusion.lora import load_adapter
+    from mm_pipelines.models.diffusion.pipeline import load_pipeline
     from mm_pipelines.serving.runtime import ServingModels
 
     src = model_sets["a"]

@@ -24,17 +24,17 @@ from mm_pipelines.defs.resources import (
     ModelsResource,
     step_metrics,
 )
-from mm_pipelines.ml import speech
+from mm_pipelines.models.speech import whisper as speech
 from mm_pipelines.storage import embeddings, vectors
 
 if TYPE_CHECKING:
-    from mm_pipelines.ml import clip_models
+    from mm_pipelines.models.clip import loading as clip_models
 
 _RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 
 
 def load_clip(models: ModelsResource, compute: ComputeResource) -> "clip_models.ClipBundle":
-    from mm_pipelines.ml import clip_models
+    from mm_pipelines.models.clip import loading as clip_models
 
     architecture, checkpoint = models.clip_source()
     return clip_models.load_clip(architecture, checkpoint, device=compute.torch_device())
@@ -63,7 +63,8 @@ def clip_model(
 ) -> dg.MaterializeResult:
     import mlflow
 
-    from mm_pipelines.ml import clip_models, clip_train
+    from mm_pipelines.models.clip import loading as clip_models
+    from mm_pipelines.models.demo import tiny_clip as clip_train
 
     if models.clip_checkpoint:
         bundle = load_clip(models, compute)
@@ -132,7 +133,7 @@ def clip_embeddings(
     models: ModelsResource,
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
-    from mm_pipelines.ml import batch_embedding
+    from mm_pipelines.pipeline import embed as batch_embedding
 
     bundle = load_clip(models, compute)
     with catalog_db.connect() as conn:
@@ -169,7 +170,8 @@ def audio_embeddings(
     models: ModelsResource,
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
-    from mm_pipelines.ml import audio_embed, batch_embedding
+    from mm_pipelines.models.speech import audio_encoder as audio_embed
+    from mm_pipelines.pipeline import embed as batch_embedding
 
     encoder = audio_embed.load_whisper_encoder(models.whisper_model, device=compute.torch_device())
     with catalog_db.connect() as conn:
@@ -199,8 +201,9 @@ def unified_projector(
 ) -> dg.MaterializeResult:
     import mlflow
 
-    from mm_pipelines.ml import audio_embed, batch_embedding
-    from mm_pipelines.ml import projector as proj
+    from mm_pipelines.models.speech import audio_encoder as audio_embed
+    from mm_pipelines.models.unified import projector as proj
+    from mm_pipelines.pipeline import embed as batch_embedding
 
     bundle = load_clip(models, compute)
     audio_version = audio_embed.load_whisper_encoder(models.whisper_model).model_version
@@ -258,8 +261,8 @@ def unified_embeddings(
     models: ModelsResource,
     compute: ComputeResource,
 ) -> dg.Output[pd.DataFrame]:
-    from mm_pipelines.ml import batch_embedding
-    from mm_pipelines.ml import projector as proj
+    from mm_pipelines.models.unified import projector as proj
+    from mm_pipelines.pipeline import embed as batch_embedding
 
     projector = proj.load_projector(models.projector_path(), device=compute.torch_device())
     with catalog_db.connect() as conn:
@@ -295,7 +298,7 @@ def unified_embeddings(
 def vector_index(
     context: dg.AssetExecutionContext, unified_embeddings: pd.DataFrame, catalog_db: CatalogResource
 ) -> dg.MaterializeResult:
-    from mm_pipelines.ml import batch_embedding
+    from mm_pipelines.pipeline import embed as batch_embedding
 
     rows = batch_embedding.vector_rows(unified_embeddings)
     with catalog_db.connect() as conn:

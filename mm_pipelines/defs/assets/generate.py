@@ -11,7 +11,6 @@ from typing import Any
 
 import dagster as dg
 
-from mm_pipelines import subjects
 from mm_pipelines.defs.assets.embed import load_clip
 from mm_pipelines.defs.assets.lora import (
     RETRY,
@@ -22,6 +21,7 @@ from mm_pipelines.defs.assets.lora import (
     subject_of,
 )
 from mm_pipelines.defs.k8s import gpu_op_tags
+from mm_pipelines.defs.metadata import markdown_gallery
 from mm_pipelines.defs.partitions import subject_partitions
 from mm_pipelines.defs.resources import (
     CatalogResource,
@@ -30,17 +30,17 @@ from mm_pipelines.defs.resources import (
     MLflowResource,
     ModelsResource,
 )
-from mm_pipelines.media.thumbnails import markdown_gallery
-from mm_pipelines.ml.frames import encode_image
-from mm_pipelines.serving.registry import CANDIDATE as CANDIDATE_ALIAS
-from mm_pipelines.serving.registry import GATE_TAG, alias_version
+from mm_pipelines.models.common import encode_image
+from mm_pipelines.pipeline import subjects
+from mm_pipelines.pipeline.registry import CANDIDATE as CANDIDATE_ALIAS
+from mm_pipelines.pipeline.registry import GATE_TAG, alias_version
 from mm_pipelines.storage import generated
 
 # --------------------------------------------------------------------------- generation
 
 
 def _generate(pipe: Any, subject: subjects.Subject, progress=None) -> list:
-    from mm_pipelines.ml.generate import generate_images
+    from mm_pipelines.models.diffusion.generate import generate_images
 
     g = subject.generation
     return generate_images(
@@ -75,8 +75,8 @@ def generated_images(
     models: ModelsResource,
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
-    from mm_pipelines.ml.generate import image_grid
-    from mm_pipelines.ml.lora import load_adapter
+    from mm_pipelines.models.common import image_grid
+    from mm_pipelines.models.diffusion.lora import load_adapter
 
     with no_retry_on_bad_input():
         subject = subject_of(context)
@@ -151,9 +151,10 @@ def generation_quality(
     import mlflow
     from PIL import Image
 
-    from mm_pipelines.ml.generate import image_grid
-    from mm_pipelines.ml.metrics import inception_feature_extractor
-    from mm_pipelines.ml.subject_lora import clip_features, load_training_set, quality_report
+    from mm_pipelines.models.common import image_grid
+    from mm_pipelines.models.diffusion.evaluation import clip_features, quality_report
+    from mm_pipelines.models.diffusion.metrics import inception_feature_extractor
+    from mm_pipelines.models.diffusion.training_set import load_training_set
 
     subject = subject_of(context)
     record = adapter_record(models, subject.name)
@@ -243,7 +244,7 @@ def quality_gates(
     models: ModelsResource,
     mlflow_tracking: MLflowResource,
 ) -> dg.AssetCheckResult:
-    from mm_pipelines.ml.subject_lora import gate_failures
+    from mm_pipelines.models.diffusion.evaluation import gate_failures
 
     subject = subjects.get_subject(context.partition_key)
     report = json.loads((models.subject_dir(subject.name) / "quality.json").read_text())

@@ -4,6 +4,7 @@ import time
 
 import dagster as dg
 
+from mm_pipelines.defs.metadata import markdown_gallery
 from mm_pipelines.defs.partitions import batch_partitions
 from mm_pipelines.defs.resources import (
     CatalogResource,
@@ -11,9 +12,8 @@ from mm_pipelines.defs.resources import (
     LandingResource,
     MediaStoreResource,
 )
-from mm_pipelines.media.ingest import IngestReport, ingest_batch
-from mm_pipelines.media.probe import Limits
-from mm_pipelines.media.thumbnails import markdown_gallery
+from mm_pipelines.pipeline.ingest import IngestReport, ingest_batch
+from mm_pipelines.pipeline.probe import Limits
 from mm_pipelines.storage import catalog
 from mm_pipelines.storage.media_store import MediaStore
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import dagster as dg
 
-from mm_pipelines import subjects
 from mm_pipelines.defs.assets.embed import load_clip
 from mm_pipelines.defs.assets.ingest import raw_media
 from mm_pipelines.defs.k8s import gpu_op_tags
+from mm_pipelines.defs.metadata import markdown_gallery
 from mm_pipelines.defs.partitions import subject_partitions
 from mm_pipelines.defs.resources import (
     CatalogResource,
@@ -27,8 +27,8 @@ from mm_pipelines.defs.resources import (
     ModelsResource,
     step_metrics,
 )
-from mm_pipelines.media.thumbnails import markdown_gallery
-from mm_pipelines.ml.frames import encode_image
+from mm_pipelines.models.common import encode_image
+from mm_pipelines.pipeline import subjects
 from mm_pipelines.storage import generated
 
 RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
@@ -45,7 +45,7 @@ def write_pointer(pointer: Path, target: str) -> None:
 
 
 def load_base_pipeline(models: ModelsResource, compute: ComputeResource) -> Any:
-    from mm_pipelines.ml.diffusion_base import load_pipeline
+    from mm_pipelines.models.diffusion.pipeline import load_pipeline
 
     return load_pipeline(
         models.diffusion_base_dir(),
@@ -102,8 +102,8 @@ def lora_base_model(
     import mlflow
     from PIL import Image
 
-    from mm_pipelines.ml.diffusion_base import BaseTrainConfig, train_base_pipeline
-    from mm_pipelines.ml.subject_lora import weights_version
+    from mm_pipelines.models.common import weights_version
+    from mm_pipelines.models.demo.tiny_diffusion import BaseTrainConfig, train_base_pipeline
 
     if models.diffusion_base:
         load_base_pipeline(models, compute)
@@ -188,8 +188,8 @@ def lora_training_set(
     models: ModelsResource,
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
-    from mm_pipelines.ml.diffusion_base import pipeline_dir_resolution
-    from mm_pipelines.ml.subject_lora import build_training_set, save_training_set
+    from mm_pipelines.models.diffusion.pipeline import pipeline_dir_resolution
+    from mm_pipelines.models.diffusion.training_set import build_training_set, save_training_set
 
     subject = subject_of(context)
     sel = subject.select
@@ -229,7 +229,7 @@ def lora_training_set(
 
 def _rank_by_query(conn, rows, query: str, limit: int, models, compute) -> list:
     """Keep the `limit` rows whose images (or captions) score highest for `query`."""
-    from mm_pipelines.ml.search import QueryModels, search
+    from mm_pipelines.pipeline.search import QueryModels, search
 
     architecture, checkpoint = models.clip_source()
     qm = QueryModels.load(
@@ -250,7 +250,7 @@ def _rank_by_query(conn, rows, query: str, limit: int, models, compute) -> list:
 def enough_images(
     context: dg.AssetCheckExecutionContext, models: ModelsResource
 ) -> dg.AssetCheckResult:
-    from mm_pipelines.ml.subject_lora import load_training_set
+    from mm_pipelines.models.diffusion.training_set import load_training_set
 
     subject = subjects.get_subject(context.partition_key)
     n = len(load_training_set(models.subject_dir(subject.name) / "training_set").images)
@@ -298,15 +298,14 @@ def lora_adapter(
 ) -> dg.MaterializeResult:
     import mlflow
 
-    from mm_pipelines.ml.generate import image_grid
-    from mm_pipelines.ml.lora import train_lora
-    from mm_pipelines.ml.subject_lora import (
+    from mm_pipelines.models.common import image_grid, weights_version
+    from mm_pipelines.models.diffusion.evaluation import (
         AdapterRecord,
         clip_features,
-        load_training_set,
         validation_metric,
-        weights_version,
     )
+    from mm_pipelines.models.diffusion.lora import train_lora
+    from mm_pipelines.models.diffusion.training_set import load_training_set
 
     with no_retry_on_bad_input():  # bad settings fail once, not three times
         subject = subject_of(context)
@@ -442,6 +441,6 @@ def lora_adapter(
 
 def adapter_record(models: ModelsResource, subject: str) -> Any:
     """What lora_adapter left for the assets downstream (versions, dirs, registry)."""
-    from mm_pipelines.ml.subject_lora import AdapterRecord
+    from mm_pipelines.models.diffusion.evaluation import AdapterRecord
 
     return AdapterRecord.load(models.subject_dir(subject) / "adapter.json")

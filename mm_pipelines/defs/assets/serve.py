@@ -53,8 +53,8 @@ def online_model(
     mlflow_tracking: MLflowResource,
     serving: ServingResource,
 ) -> dg.MaterializeResult:
-    from mm_pipelines.ml.subject_lora import weights_version
-    from mm_pipelines.serving import registry
+    from mm_pipelines.models.common import weights_version
+    from mm_pipelines.pipeline import registry
     from mm_pipelines.serving.export import export_bundle
     from mm_pipelines.serving.store import publish_bundle
 

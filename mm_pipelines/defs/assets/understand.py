@@ -12,8 +12,9 @@ from mm_pipelines.defs.assets.ingest import raw_media
 from mm_pipelines.defs.k8s import gpu_op_tags
 from mm_pipelines.defs.partitions import batch_partitions
 from mm_pipelines.defs.resources import CatalogResource, ComputeResource, MediaStoreResource
-from mm_pipelines.ml import frames as fr
-from mm_pipelines.ml import speech
+from mm_pipelines.models.common import contact_sheet, encode_image
+from mm_pipelines.models.speech import whisper as speech
+from mm_pipelines.models.video import frames as fr
 from mm_pipelines.storage import catalog, understand
 from mm_pipelines.storage.understand import FrameRow, Outcome, SegmentRow
 
@@ -63,7 +64,7 @@ def video_frames(
             for frame in fr.iter_frames(
                 store.local_path(video), wanted, batch_size=config.decode_batch, report=report
             ):
-                data = fr.encode_image(frame.image, config.image_format, config.quality)
+                data = encode_image(frame.image, config.image_format, config.quality)
                 frame_hash, _ = store.put_bytes(data)
                 height, width = frame.image.shape[:2]
                 rows[frame.version].append(
@@ -118,7 +119,7 @@ def video_frames(
     sheet = [f for f in all_frames if f["strategy_version"] == strategies[0].version]
     sheet = [f for f in sheet if f["video_hash"] == sheet[0]["video_hash"]][:12] if sheet else []
     if sheet:
-        png = fr.contact_sheet(
+        png = contact_sheet(
             [Image.open(io.BytesIO(store.read_bytes(f["frame_hash"]))) for f in sheet],
             labels=[f"{f['timestamp_s']:.1f}s" for f in sheet],
         )

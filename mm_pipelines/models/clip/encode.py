@@ -1,0 +1,370 @@
+"""Batched CLIP encoding of images and texts into L2-normalised float32 vectors.
+
+Images: a torch DataLoader with worker processes decodes and preprocesses while the main
+process runs the model, so the model rarely waits on the decoder. A file that does not
+decode is reported per index (it never stops the batch).
+
+Texts: CLIP's text tower has a hard context limit (77 tokens for real CLIP, 32 for the
+tiny demo model) and open_clip's tokenizer silently truncates past it. Here every text is
+split into token windows that fit (with an overlap), and each window is one vector that
+records its chunk index and character span, so nothing is ever dropped unseen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import regex
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from mm_pipelines.models.clip.loading import ClipBundle
+
+ImageSource = str | os.PathLike | bytes | Image.Image
+
+
+# ----------------------------------------------------------------------------- images
+
+
+@dataclass
+class ImageEncodeResult:
+    """Vectors for the sources that decoded, in source order, plus the failures."""
+
+    vectors: np.ndarray  # [n_ok, dim] float32, L2-normalised
+    indices: list[int]  # source index of each row of `vectors`
+    errors: dict[int, str]  # source index -> "ErrorType: message"
+    model_version: str
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def open_image(source: ImageSource, min_side: int | None = None) -> Image.Image:
+    """Decode a path, raw bytes or an in-memory image into RGB.
+
+    ``min_side``: a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps
+    both sides >= min_side; the model input is 224 px or less, so decoding a 4000 px
+    photo at full size is wasted work.
+    """
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, bytes | bytearray | memoryview):
+        image = Image.open(io.BytesIO(source))
+    else:
+        image = Image.open(Path(source))
+    if min_side and image.format == "JPEG":
+        image.draft("RGB", (min_side, min_side))
+    image.load()  # force the decode here (inside the worker), not lazily later
+    return image.convert("RGB")
+
+
+class _ImageDataset(Dataset):
+    def __init__(
+        self, sources: Sequence[ImageSource], preprocess: Callable, min_side: int | None
+    ) -> None:
+        self.sources = sources
+        self.preprocess = preprocess
+        self.min_side = min_side
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            return i, self.preprocess(open_image(self.sources[i], self.min_side)), ""
+        except Exception as exc:  # noqa: BLE001 - any decode failure is a per-item status
+            return i, None, f"{type(exc).__name__}: {exc}"
+
+
+def _collate(batch: list[tuple[int, torch.Tensor | None, str]]):
+    ok = [(i, x) for i, x, _ in batch if x is not None]
+    errors = {i: err for i, x, err in batch if x is None}
+    tensor = torch.stack([x for _, x in ok]) if ok else None
+    return [i for i, _ in ok], tensor, errors
+
+
+def default_num_workers() -> int:
+    return min(4, max(1, (os.cpu_count() or 1)))
+
+
+def _lower_priority(_worker_id: int) -> None:
+    # Decoding is latency-tolerant (it runs ahead); the model's threads are not, and on a
+    # small machine a worker holding a core stalls every step of a multi-threaded forward.
+    with contextlib.suppress(OSError):
+        os.nice(5)
+
+
+def model_input_side(bundle: ClipBundle) -> int | None:
+    size = getattr(bundle.model.visual, "image_size", None)
+    if size is None:
+        return None
+    return int(max(size)) if isinstance(size, tuple | list) else int(size)
+
+
+def encode_images(
+    bundle: ClipBundle,
+    sources: Sequence[ImageSource],
+    batch_size: int = 64,
+    num_workers: int | None = None,
+) -> ImageEncodeResult:
+    """Encode images through the image tower; decode/preprocess overlap the model.
+
+    ``num_workers`` None picks a worker count from the CPU count; 0 decodes inline
+    (what tiny inputs and debugging want). Worker processes only ever touch PIL/CPU.
+    """
+    workers = default_num_workers() if num_workers is None else num_workers
+    workers = min(workers, max(0, -(-len(sources) // batch_size)))  # no idle workers
+    loader = DataLoader(
+        _ImageDataset(sources, bundle.preprocess, model_input_side(bundle)),
+        batch_size=batch_size,
+        num_workers=workers,
+        worker_init_fn=_lower_priority if workers else None,
+        collate_fn=_collate,
+        pin_memory=bundle.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+    indices: list[int] = []
+    chunks: list[np.ndarray] = []
+    errors: dict[int, str] = {}
+    wait_s = model_s = 0.0
+    t_start = time.perf_counter()
+    t_wait = t_start
+    with torch.inference_mode():
+        for batch_idx, tensor, batch_errors in loader:
+            t_got = time.perf_counter()
+            wait_s += t_got - t_wait
+            errors.update(batch_errors)
+            if tensor is not None:
+                chunks.append(_encode_image_tensor(bundle, tensor))
+                indices.extend(batch_idx)
+            t_wait = time.perf_counter()
+            model_s += t_wait - t_got
+    vectors = np.concatenate(chunks) if chunks else np.zeros((0, bundle.embed_dim), np.float32)
+    total = time.perf_counter() - t_start
+    return ImageEncodeResult(
+        vectors=vectors,
+        indices=indices,
+        errors=errors,
+        model_version=bundle.model_version,
+        stats={
+            "seconds": total,
+            "images_per_s": len(indices) / total if total > 0 else 0.0,
+            "loader_wait_s": wait_s,
+            "model_s": model_s,
+            "workers": float(workers),
+        },
+    )
+
+
+def _encode_image_tensor(bundle: ClipBundle, tensor: torch.Tensor) -> np.ndarray:
+    x = tensor.to(bundle.device, dtype=bundle.input_dtype, non_blocking=True)
+    with bundle.autocast():
+        features = bundle.model.encode_image(x)
+    return _normalise(features)
+
+
+def _normalise(features: torch.Tensor) -> np.ndarray:
+    features = torch.nn.functional.normalize(features.float(), dim=-1)
+    return features.cpu().numpy().astype(np.float32, copy=False)
+
+
+# ----------------------------------------------------------------------------- texts
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """One window of a text that fits the text tower; offsets index the original text."""
+
+    text_index: int
+    chunk_index: int
+    char_start: int
+    char_end: int
+    n_tokens: int
+    token_ids: tuple[int, ...] | None  # exact ids (SimpleTokenizer); None: re-tokenise text
+
+
+@dataclass
+class TextEncodeResult:
+    chunks: list[TextChunk]  # row i of `vectors` is chunks[i]
+    vectors: np.ndarray  # [n_chunks, dim] float32, L2-normalised
+    model_version: str
+
+    def chunks_of(self, text_index: int) -> list[int]:
+        return [i for i, c in enumerate(self.chunks) if c.text_index == text_index]
+
+
+@dataclass
+class _Unit:
+    start: int
+    end: int
+    ids: list[int] | None
+    n_tokens: int
+
+
+def _simple_units(text: str, tokenizer) -> list[_Unit]:
+    """Pre-tokens of open_clip's SimpleTokenizer with their character spans.
+
+    SimpleTokenizer tokenises pre-token by pre-token, so the ids of each pre-token are
+    exactly its ids inside the whole text and a chunk's ids are a slice of them.
+    """
+    cache: dict[str, list[int]] = {}
+    units = []
+    for m in tokenizer.pat.finditer(text):
+        piece = m.group()
+        ids = cache.get(piece)
+        if ids is None:
+            ids = cache[piece] = tokenizer.encode(piece)
+        if ids:
+            units.append(_Unit(m.start(), m.end(), ids, len(ids)))
+    return units
+
+
+def _generic_units(text: str, count: Callable[[str], int]) -> list[_Unit]:
+    """Whitespace-delimited words, for tokenizers whose ids we cannot slice (HF ones)."""
+    return [_Unit(m.start(), m.end(), None, count(m.group())) for m in regex.finditer(r"\S+", text)]
+
+
+def _split_oversized(unit: _Unit, max_tokens: int, tokenizer, text: str) -> list[_Unit]:
+    """A single pre-token longer than a window (a URL, a hash) becomes several units."""
+    if unit.n_tokens <= max_tokens:
+        return [unit]
+    if unit.ids is None:  # generic: split the characters in half until each part fits
+        mid = (unit.start + unit.end) // 2
+        left = _Unit(unit.start, mid, None, _count_tokens(tokenizer, text[unit.start : mid]))
+        right = _Unit(mid, unit.end, None, _count_tokens(tokenizer, text[mid : unit.end]))
+        return _split_oversized(left, max_tokens, tokenizer, text) + _split_oversized(
+            right, max_tokens, tokenizer, text
+        )
+    parts, pos = [], unit.start
+    for k in range(0, len(unit.ids), max_tokens):
+        ids = unit.ids[k : k + max_tokens]
+        # Character span from the decoded token text; exact for ASCII, clamped otherwise.
+        width = len(tokenizer.decode(ids).strip())
+        end = unit.end if k + max_tokens >= len(unit.ids) else min(unit.end, pos + width)
+        parts.append(_Unit(pos, end, ids, len(ids)))
+        pos = end
+    return parts
+
+
+def _count_tokens(tokenizer, text: str) -> int:
+    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "pat"):
+        return len(tokenizer.encode(text))
+    hf = getattr(tokenizer, "tokenizer", None)
+    if hf is None:
+        raise TypeError(f"cannot count tokens with {type(tokenizer).__name__}")
+    return len(hf(text, add_special_tokens=False)["input_ids"])
+
+
+def _special_tokens(tokenizer) -> int:
+    hf = getattr(tokenizer, "tokenizer", None)
+    if hf is not None and hasattr(hf, "num_special_tokens_to_add"):
+        return int(hf.num_special_tokens_to_add())
+    return 2  # <start_of_text> ... <end_of_text>
+
+
+def chunk_text(
+    text: str,
+    tokenizer,
+    context_length: int,
+    overlap_tokens: int = 8,
+    text_index: int = 0,
+) -> list[TextChunk]:
+    """Split ``text`` into windows of at most ``context_length`` tokens with specials.
+
+    Windows break between pre-tokens (words, punctuation) and overlap by up to
+    ``overlap_tokens`` tokens, so a phrase cut at one boundary is whole in the next window.
+    Every non-blank character of ``text`` lies in at least one chunk's span.
+    """
+    max_tokens = context_length - _special_tokens(tokenizer)
+    if max_tokens < 1:
+        raise ValueError(f"context_length {context_length} leaves no room for tokens")
+    overlap_tokens = min(overlap_tokens, max_tokens // 2)
+    exact = hasattr(tokenizer, "pat") and hasattr(tokenizer, "encode")
+    units = (
+        _simple_units(text, tokenizer)
+        if exact
+        else _generic_units(text, lambda s: _count_tokens(tokenizer, s))
+    )
+    units = [p for u in units for p in _split_oversized(u, max_tokens, tokenizer, text)]
+    chunks: list[TextChunk] = []
+    start = 0
+    while start < len(units):
+        end, n = start, 0
+        while end < len(units) and n + units[end].n_tokens <= max_tokens:
+            n += units[end].n_tokens
+            end += 1
+        if not exact:
+            end, n = _shrink_to_fit(text, units, start, end, max_tokens, tokenizer)
+        span = units[start:end]
+        ids = tuple(i for u in span for i in u.ids) if exact else None
+        chunks.append(TextChunk(text_index, len(chunks), span[0].start, span[-1].end, n, ids))
+        if end >= len(units):
+            break
+        start = _next_start(units, start, end, overlap_tokens)
+    return chunks
+
+
+def _shrink_to_fit(text, units, start, end, max_tokens, tokenizer) -> tuple[int, int]:
+    """Word counts need not add up for subword tokenizers: re-count the real span."""
+    while True:
+        n = _count_tokens(tokenizer, text[units[start].start : units[end - 1].end])
+        if n <= max_tokens or end - start == 1:
+            return end, n
+        end -= 1
+
+
+def _next_start(units: list[_Unit], start: int, end: int, overlap_tokens: int) -> int:
+    nxt, carried = end, 0
+    while nxt - 1 > start and carried + units[nxt - 1].n_tokens <= overlap_tokens:
+        nxt -= 1
+        carried += units[nxt].n_tokens
+    return nxt
+
+
+def _chunk_tokens(bundle: ClipBundle, chunks: Sequence[TextChunk], texts: Sequence[str]):
+    tok = bundle.tokenizer
+    if all(c.token_ids is not None for c in chunks):
+        # Exactly the layout SimpleTokenizer.__call__ makes, from ids we already have.
+        out = torch.zeros(len(chunks), bundle.context_length, dtype=torch.long)
+        for row, c in enumerate(chunks):
+            ids = [tok.sot_token_id, *c.token_ids, tok.eot_token_id]
+            out[row, : len(ids)] = torch.tensor(ids)
+        return out
+    return tok([texts[c.text_index][c.char_start : c.char_end] for c in chunks])
+
+
+def encode_texts(
+    bundle: ClipBundle,
+    texts: Sequence[str],
+    batch_size: int = 256,
+    overlap_tokens: int = 8,
+) -> TextEncodeResult:
+    """Chunk and encode texts; a text that fits gives exactly one chunk, a blank one none."""
+    chunks = [
+        c
+        for i, t in enumerate(texts)
+        for c in chunk_text(t, bundle.tokenizer, bundle.context_length, overlap_tokens, i)
+    ]
+    parts = []
+    with torch.inference_mode():
+        for k in range(0, len(chunks), batch_size):
+            tokens = _chunk_tokens(bundle, chunks[k : k + batch_size], texts).to(bundle.device)
+            with bundle.autocast():
+                parts.append(_normalise(bundle.model.encode_text(tokens)))
+    vectors = np.concatenate(parts) if parts else np.zeros((0, bundle.embed_dim), np.float32)
+    return TextEncodeResult(chunks=chunks, vectors=vectors, model_version=bundle.model_version)
+
+
+def encode_text_query(bundle: ClipBundle, text: str) -> np.ndarray:
+    """One vector for a query: the renormalised mean of its chunks (one for short text)."""
+    result = encode_texts(bundle, [text])
+    if not result.chunks:
+        raise ValueError("empty query text")
+    mean = result.vectors.mean(axis=0)
+    return (mean / np.linalg.norm(mean)).astype(np.float32)

@@ -1,0 +1,122 @@
+"""Shared data and helpers for the diffusion/LoRA/metrics tests (the session fixture
+`base_pipeline_dir` that trains the tiny base pipeline once lives in conftest.py)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from mm_pipelines.models.demo.tiny_diffusion import (
+    BaseTrainConfig,
+    TinyDiffusionConfig,
+    train_base_pipeline,
+)
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 60),
+    "blue": (40, 60, 220),
+    "yellow": (235, 215, 40),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "gray": (128, 128, 128),
+    "blue": (40, 70, 200),
+    "green": (40, 160, 70),
+}
+SHAPES = ("circle", "square", "triangle")
+
+# The LoRA subject: a background colour the base model never sees (no warm backgrounds).
+SUBJECT_BACKGROUND = (240, 140, 20)  # orange
+SUBJECT_PROMPT = "a photo of sks"
+
+RESOLUTION = 32
+# Kept small: the whole file must run in well under 4 minutes on 2 shared cores.
+BASE_TRAIN = BaseTrainConfig(vae_steps=500, unet_steps=300, seed=0)
+
+
+def draw_shape(
+    shape: str,
+    colour: tuple[int, int, int],
+    background: tuple[int, int, int],
+    rng: random.Random,
+    size: int = RESOLUTION,
+) -> Image.Image:
+    """One filled shape with jittered position and size on a plain background."""
+    im = Image.new("RGB", (size, size), background)
+    d = ImageDraw.Draw(im)
+    r = rng.uniform(0.22, 0.34) * size
+    cx, cy = (rng.uniform(0.35, 0.65) * size for _ in range(2))
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        d.ellipse(box, fill=colour)
+    elif shape == "square":
+        d.rectangle(box, fill=colour)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    return im
+
+
+def shapes_dataset(n_per_combo: int = 1, seed: int = 0) -> tuple[list[Image.Image], list[str]]:
+    """colours x shapes x backgrounds, with captions."""
+    rng = random.Random(seed)
+    images, captions = [], []
+    for cname, colour in COLOURS.items():
+        for shape in SHAPES:
+            for bname, bg in BACKGROUNDS.items():
+                if bname == cname:
+                    continue
+                for _ in range(n_per_combo):
+                    images.append(draw_shape(shape, colour, bg, rng))
+                    captions.append(f"a {cname} {shape} on a {bname} background")
+    return images, captions
+
+
+def subject_images(n: int = 8, seed: int = 1) -> list[Image.Image]:
+    """The subject: assorted shapes on the purple background."""
+    rng = random.Random(seed)
+    colours = list(COLOURS.values())
+    return [
+        draw_shape(SHAPES[i % len(SHAPES)], colours[i % len(colours)], SUBJECT_BACKGROUND, rng)
+        for i in range(n)
+    ]
+
+
+@contextmanager
+def torch_threads(n: int = 1) -> Iterator[None]:
+    """Run with `n` intra-op threads, then restore.
+
+    These models are tiny: a second thread buys little, and on a 2-core machine shared
+    with other jobs the oversubscribed thread pools made training ~4x slower (measured:
+    base training 609 s with 2 threads vs 157 s with 1 under the same load).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def make_base_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Train the tiny base pipeline on the shapes set and save it (~1-2 CPU minutes)."""
+    images, captions = shapes_dataset()
+    out = tmp_path_factory.mktemp("base_pipeline")
+    with torch_threads(1):
+        result = train_base_pipeline(
+            images,
+            captions,
+            model_config=TinyDiffusionConfig(resolution=RESOLUTION),
+            train_config=BASE_TRAIN,
+            device="cpu",
+            output_dir=out,
+        )
+    assert result.unet_losses[-1] < result.unet_losses[0]
+    return out
