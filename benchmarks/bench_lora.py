@@ -248,8 +248,7 @@ def bench_assets(device: torch.device, steps: int, rounds: int) -> dict[str, Any
     import yaml
     from dagster_aws.s3 import S3Resource
 
-    from mm_pipelines.defs.assets.generate import generated_images
-    from mm_pipelines.defs.assets.lora import lora_adapter
+    from mm_pipelines.defs.generative.assets import generated_images, lora_adapter
     from mm_pipelines.defs.partitions import subject_partitions
     from mm_pipelines.defs.resources import (
         CatalogResource,
@@ -261,6 +260,9 @@ def bench_assets(device: torch.device, steps: int, rounds: int) -> dict[str, Any
     from mm_pipelines.models.diffusion.lora import load_adapter
     from mm_pipelines.models.diffusion.pipeline import load_pipeline, save_pipeline
     from mm_pipelines.models.diffusion.training_set import TrainingSet, save_training_set
+    from mm_pipelines.pipeline import model_store as ms
+    from mm_pipelines.pipeline.lora import adapter_record
+    from mm_pipelines.pipeline.services import folder_model_store
     from mm_pipelines.storage.postgres import stop_embedded
 
     bs, n_seeds, gen_steps, guidance = 8, 16, 20, 3.0
@@ -292,9 +294,10 @@ def bench_assets(device: torch.device, steps: int, rounds: int) -> dict[str, Any
         (root / "subjects.yaml").write_text(yaml.safe_dump({"subjects": [subject]}))
         os.environ["MM_SUBJECTS"] = str(root / "subjects.yaml")
         images = _images(8)
-        save_training_set(
-            TrainingSet(images, [PROMPT] * 8, [f"h{i}" for i in range(8)], [None] * 8, 32),
-            root / "models" / "lora" / "bench" / "training_set",
+        ts = TrainingSet(images, [PROMPT] * 8, [f"h{i}" for i in range(8)], [None] * 8, 32)
+        save_training_set(ts, root / "training_set")
+        folder_model_store(root / "models").put(
+            ms.TRAINING_SET, "bench", root / "training_set", version=ts.version, make_current=True
         )
         tracking = MLflowResource(
             tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
@@ -348,10 +351,8 @@ def bench_assets(device: torch.device, steps: int, rounds: int) -> dict[str, Any
                     meta = result.asset_materializations_for_node("generated_images")[0].metadata
                     gen_step_ips.append(meta["images"].value / seconds)
                     gen_part_ips.append(meta["images_per_second"].value)
-                    record = json.loads(
-                        (root / "models" / "lora" / "bench" / "adapter.json").read_text()
-                    )
-                    pipe = load_adapter(load_pipeline(base, device=device), record["adapter_dir"])
+                    record = adapter_record(resources["models"].services(), "bench")
+                    pipe = load_adapter(load_pipeline(base, device=device), record.adapter_dir)
                     pipe.set_progress_bar_config(disable=True)
                     _sync(device)
                     t0 = time.perf_counter()

@@ -88,8 +88,9 @@ DEMO_QUERIES = [
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from mm_pipelines.defs.resources import build_resources
+    from mm_pipelines.pipeline import model_store as ms
     from mm_pipelines.pipeline.sample_data import write_sample_batch
+    from mm_pipelines.pipeline.services import DEMO, UNIFIED, Services
 
     landing = Path(settings.landing_uri())
     if str(landing).startswith("s3:"):
@@ -97,9 +98,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 2
     write_sample_batch(landing, args.batch)
     print(f"sample batch {args.batch!r} written to {landing / args.batch}", flush=True)
-    models = build_resources()["models"]
+    svc = Services.from_settings()
+    store, choice = svc.need_models(), svc.choice
     steps: list[tuple[str, str | None, list[str] | None]] = []
-    if not models.clip_checkpoint and not models.demo_clip_path().exists():
+    if not choice.clip_checkpoint and store.current(ms.CLIP, DEMO) is None:
         print("training the demo CLIP model (a few minutes on a CPU) ...", flush=True)
         steps.append(("train_clip", None, None))
     steps.append(
@@ -109,11 +111,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             ["raw_media", "video_frames", "transcripts", "clip_embeddings", "audio_embeddings"],
         )
     )
-    if not models.projector_dir and not (models.root() / "projector" / "CURRENT").exists():
+    if not choice.projector_dir and store.current(ms.PROJECTOR, UNIFIED) is None:
         steps.append(("train_projector", None, None))
     steps.append(("batch_pipeline", args.batch, ["unified_embeddings", "vector_index"]))
     if not args.no_lora:
-        steps += _lora_demo_steps(models)
+        steps += _lora_demo_steps(svc)
     outcome: dict = {"assets": {}, "checks": {}}
     for job, partition, assets in steps:
         print(f"running {job}{f' [{partition}]' if partition else ''} ...", flush=True)
@@ -138,15 +140,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lora_demo_steps(models) -> list[tuple[str, str | None, list[str] | None]]:
+def _lora_demo_steps(svc) -> list[tuple[str, str | None, list[str] | None]]:
     """The demo subject, declared in the subjects file, trained, generated and evaluated."""
+    from mm_pipelines.pipeline import model_store as ms
     from mm_pipelines.pipeline import subjects
+    from mm_pipelines.pipeline.services import DEMO
 
     path = subjects.ensure_subject(subjects.DEMO_SUBJECT)
     print(f"demo subject {subjects.DEMO_SUBJECT['name']!r} declared in {path}", flush=True)
     steps: list[tuple[str, str | None, list[str] | None]] = []
-    base_pointer = models.root() / "diffusion-base" / "CURRENT"
-    if not models.diffusion_base and not base_pointer.exists():
+    has_base = svc.need_models().current(ms.DIFFUSION_BASE, DEMO) is not None
+    if not svc.choice.diffusion_base and not has_base:
         print("training the demo diffusion base model (a few minutes on a CPU) ...", flush=True)
         steps.append(("train_diffusion_base", None, None))
     steps.append(("subject_pipeline", subjects.DEMO_SUBJECT["name"], None))
@@ -212,20 +216,20 @@ def _search(
     batches: list[str] | None = None,
     modalities: list[str] | None = None,
 ):
-    from mm_pipelines.defs.resources import build_resources
     from mm_pipelines.pipeline.search import QueryModels, search
+    from mm_pipelines.pipeline.services import Services
+    from mm_pipelines.storage.postgres import connect
 
-    res = build_resources()
-    models, compute = res["models"], res["compute"]
-    architecture, checkpoint = models.clip_source()
+    svc = Services.from_settings()
+    architecture, checkpoint = svc.clip_source()
     query_models = QueryModels.load(
         architecture,
         checkpoint,
-        models.projector_path(),
-        models.whisper_model,
-        device=compute.torch_device(),
+        svc.projector_dir(),
+        svc.choice.whisper_model,
+        device=svc.compute.torch_device(),
     )
-    with res["catalog_db"].connect() as conn:
+    with connect(svc.need_dsn()) as conn:
         return search(conn, query_models, query, k, tenant, batches, modalities)
 
 
@@ -292,13 +296,18 @@ def _cmd_dev(args: argparse.Namespace) -> int:
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
     """Point the serving store and the `champion` alias back at a published bundle."""
-    from mm_pipelines.defs.resources import build_resources
     from mm_pipelines.pipeline import registry
+    from mm_pipelines.pipeline.services import Services
     from mm_pipelines.serving.manifest import MANIFEST, BundleIntegrityError
-    from mm_pipelines.serving.store import bundle_key, rollback
+    from mm_pipelines.serving.store import bundle_key, open_store, rollback
 
-    res = build_resources()
-    store = res["serving"].get_store()
+    location = settings.serving_store()
+    if location.startswith("s3://"):
+        from mm_pipelines.storage import s3
+
+        store = open_store(location, client=s3.client())
+    else:
+        store = open_store(location)
     try:
         record = rollback(store, args.bundle_version)
     except BundleIntegrityError as err:
@@ -308,7 +317,7 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     lora = manifest.get("models", {}).get("diffusion", {})
     if lora.get("registered_name") and lora.get("registered_version"):
         registry.promote(
-            res["mlflow_tracking"].client(),
+            Services.from_settings().need_tracker().client(),
             lora["registered_name"],
             str(lora["registered_version"]),
             args.bundle_version,

@@ -1,23 +1,48 @@
-"""Where the embedded defaults live, read from the environment once at load time.
+"""The only reader of the environment.
 
-Everything here has an offline default under `MM_HOME` (default `.mm/` in the working
+Everything has an offline default under `MM_HOME` (default `.mm/` in the working
 directory) so `mm demo`, `dagster dev` and the tests need no set-up; production points
-the same variables at real services.
+the same variables at real services. Values are read on every call (tests and `mm`
+sub-commands change the environment between calls), never cached at import.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
-
-def mm_home() -> Path:
-    return Path(os.environ.get("MM_HOME", ".mm")).expanduser().resolve()
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def env(name: str, default: str | None = None) -> str | None:
     value = os.environ.get(name)
     return value if value not in (None, "") else default
+
+
+def _true(value: str | None) -> bool:
+    return (value or "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _json_env(name: str, default: Any, kind: type) -> Any:
+    raw = (env(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{name} must be JSON ({kind.__name__}): {err}") from err
+    if not isinstance(value, kind):
+        raise ValueError(f"{name} must be a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+# --------------------------------------------------------------------------- local state
+
+
+def mm_home() -> Path:
+    return Path(env("MM_HOME", ".mm")).expanduser().resolve()  # type: ignore[arg-type]
 
 
 def landing_uri() -> str:
@@ -28,12 +53,57 @@ def media_dir() -> str:
     return str(mm_home() / "media")
 
 
+def models_dir() -> Path:
+    return Path(env("MM_MODELS_DIR", str(mm_home() / "models"))).expanduser().resolve()  # type: ignore[arg-type]
+
+
+def cache_dir() -> Path:
+    """Local, disposable copies of remote objects (media, verified model artifacts)."""
+    return mm_home() / "cache"
+
+
+def serving_store() -> str:
+    """Where serving bundles are published: a folder or `s3://bucket/prefix`."""
+    return env("MM_SERVING_STORE", str(mm_home() / "serving"))  # type: ignore[return-value]
+
+
+def subjects_file() -> Path:
+    return Path(env("MM_SUBJECTS", str(mm_home() / "subjects.yaml")))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- services
+
+
 def pg_dsn() -> str | None:
     return env("MM_PG_DSN")
 
 
 def embedded_pg_dir() -> str:
     return str(mm_home() / "pgdata")
+
+
+def s3_bucket() -> str | None:
+    return env("MM_S3_BUCKET")
+
+
+def s3_prefix() -> str:
+    return env("MM_S3_PREFIX", "media")  # type: ignore[return-value]
+
+
+def s3_models_prefix() -> str:
+    return env("MM_S3_MODELS_PREFIX", "models")  # type: ignore[return-value]
+
+
+def s3_io_prefix() -> str:
+    return env("MM_S3_IO_PREFIX", "dagster-io")  # type: ignore[return-value]
+
+
+def s3_endpoint_url() -> str | None:
+    return env("MM_S3_ENDPOINT_URL")
+
+
+def aws_region() -> str:
+    return env("AWS_REGION", env("AWS_DEFAULT_REGION", "us-east-1"))  # type: ignore[return-value]
 
 
 def mlflow_tracking_uri() -> str:
@@ -44,6 +114,67 @@ def mlflow_artifact_root() -> str:
     return env("MM_MLFLOW_ARTIFACTS", (mm_home() / "mlartifacts").as_uri())  # type: ignore[return-value]
 
 
+def mlflow_ui_url() -> str:
+    return env("MM_MLFLOW_UI", "http://127.0.0.1:5000")  # type: ignore[return-value]
+
+
+# MLflow's HTTP client retries with backoff for minutes by default: a step or sensor tick
+# should fail within seconds with the tracking URI in the message instead
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def apply_mlflow_http_defaults() -> None:
+    """Shorten MLflow's HTTP retries for this process unless the user set them."""
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def device() -> str:
+    return env("MM_DEVICE", "auto")  # type: ignore[return-value]
+
+
+def precision() -> str:
+    return env("MM_PRECISION", "auto")  # type: ignore[return-value]
+
+
+def clip_architecture() -> str:
+    return env("MM_CLIP_ARCH", "mm-tiny-clip")  # type: ignore[return-value]
+
+
+def clip_checkpoint() -> str:
+    return env("MM_CLIP_CHECKPOINT", "")  # type: ignore[return-value]
+
+
+def whisper_model() -> str | None:
+    return env("MM_WHISPER_MODEL")
+
+
+def projector_dir() -> str:
+    return env("MM_PROJECTOR_DIR", "")  # type: ignore[return-value]
+
+
+def diffusion_base() -> str:
+    return env("MM_DIFFUSION_BASE", "")  # type: ignore[return-value]
+
+
+def diffusion_cpu_offload() -> bool:
+    return _true(env("MM_DIFFUSION_CPU_OFFLOAD"))
+
+
+def diffusion_nf4() -> bool:
+    return _true(env("MM_DIFFUSION_NF4"))
+
+
+def fid_inception_weights() -> str:
+    return env("MM_FID_INCEPTION_WEIGHTS", "")  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- Dagster / k8s
+
+
 def dagster_home() -> Path:
     return Path(env("DAGSTER_HOME", str(mm_home() / "dagster"))).expanduser().resolve()  # type: ignore[arg-type]
 
@@ -52,7 +183,7 @@ def prepare_dagster_home() -> Path:
     """Create DAGSTER_HOME with the repo's dagster.yaml and export it for Dagster."""
     home = dagster_home()
     home.mkdir(parents=True, exist_ok=True)
-    template = Path(__file__).resolve().parents[1] / "dagster.yaml"
+    template = REPO_ROOT / "dagster.yaml"
     target = home / "dagster.yaml"
     if template.is_file() and (not target.exists() or target.read_text() != template.read_text()):
         target.write_text(template.read_text())
@@ -60,10 +191,28 @@ def prepare_dagster_home() -> Path:
     return home
 
 
-def models_dir() -> Path:
-    return Path(env("MM_MODELS_DIR", str(mm_home() / "models"))).expanduser().resolve()  # type: ignore[arg-type]
+def executor() -> str:
+    """`k8s` = one pod per step (dagster-k8s); anything else = Dagster's default."""
+    return (env("MM_EXECUTOR", "") or "").strip().lower()
 
 
-def serving_store() -> str:
-    """Where serving bundles are published: a folder or `s3://bucket/prefix`."""
-    return env("MM_SERVING_STORE", str(mm_home() / "serving"))  # type: ignore[return-value]
+# GKE, AKS and the NVIDIA GPU operator taint GPU nodes with this key; tolerating it by default
+# means a node selector alone is enough to land on them
+DEFAULT_GPU_TOLERATIONS: list[dict[str, str]] = [
+    {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+]
+
+
+def k8s_gpu() -> dict[str, Any]:
+    """What one GPU step asks of Kubernetes (see defs/k8s.py): `MM_K8S_GPUS`,
+    `MM_K8S_GPU_NODE_SELECTOR` (JSON object), `MM_K8S_GPU_TOLERATIONS` (JSON list),
+    `MM_K8S_GPU_{CPU,MEMORY}_{REQUEST,LIMIT}` (Kubernetes quantities)."""
+    return {
+        "gpus": int(env("MM_K8S_GPUS", "0") or 0),
+        "node_selector": _json_env("MM_K8S_GPU_NODE_SELECTOR", {}, dict),
+        "tolerations": _json_env("MM_K8S_GPU_TOLERATIONS", list(DEFAULT_GPU_TOLERATIONS), list),
+        "cpu_request": env("MM_K8S_GPU_CPU_REQUEST"),
+        "cpu_limit": env("MM_K8S_GPU_CPU_LIMIT"),
+        "memory_request": env("MM_K8S_GPU_MEMORY_REQUEST"),
+        "memory_limit": env("MM_K8S_GPU_MEMORY_LIMIT"),
+    }

@@ -19,10 +19,11 @@ import yaml
 from dagster_aws.s3 import S3Resource
 from PIL import Image
 
-from mm_pipelines.defs.assets import generate as gen_assets
-from mm_pipelines.defs.assets import lora as lora_assets
-from mm_pipelines.defs.assets.ingest import raw_media
-from mm_pipelines.defs.jobs import subject_pipeline
+from mm_pipelines.defs.generative import assets as gen_assets
+from mm_pipelines.defs.generative import checks as gen_checks
+from mm_pipelines.defs.generative.jobs import subject_pipeline
+from mm_pipelines.defs.generative.sensors import subjects_sensor
+from mm_pipelines.defs.ingest.assets import raw_media
 from mm_pipelines.defs.partitions import batch_partitions, subject_partitions
 from mm_pipelines.defs.resources import (
     CatalogResource,
@@ -32,20 +33,19 @@ from mm_pipelines.defs.resources import (
     MLflowResource,
     ModelsResource,
 )
-from mm_pipelines.defs.sensors import subjects_sensor
 from mm_pipelines.models.diffusion.generate import generate_images
 from mm_pipelines.models.diffusion.lora import load_adapter
 from mm_pipelines.models.diffusion.pipeline import load_pipeline
-from mm_pipelines.pipeline import subjects
+from mm_pipelines.pipeline import lora, registry, subjects
 from mm_pipelines.pipeline.sample_data import write_sample_batch
 from mm_pipelines_tests.models.conftest_diffusion import torch_threads
 
 SUBJECT = subjects.DEMO_SUBJECT["name"]
-CHECKS = [lora_assets.enough_images, gen_assets.quality_gates]
+CHECKS = [gen_checks.enough_images, gen_checks.quality_gates]
 ASSETS = [
-    lora_assets.lora_base_model,
-    lora_assets.lora_training_set,
-    lora_assets.lora_adapter,
+    gen_assets.lora_base_model,
+    gen_assets.lora_training_set,
+    gen_assets.lora_adapter,
     gen_assets.generated_images,
     gen_assets.generation_quality,
 ]
@@ -149,10 +149,10 @@ def test_a_subject_goes_from_selection_to_a_passing_quality_report(subject_run):
 
 def test_the_passing_version_is_registered_and_marked_candidate(env, subject_run):
     client = env.mlflow()
-    name = lora_assets.lora_model_name(SUBJECT)
+    name = registry.lora_model_name(SUBJECT)
     (version,) = client.search_model_versions(f"name = '{name}'")
     assert client.get_model_version_by_alias(name, "candidate").version == version.version
-    assert version.tags[gen_assets.GATE_TAG] == "passed"
+    assert version.tags[registry.GATE_TAG] == "passed"
     adapter = meta(subject_run, "lora_adapter")
     assert version.tags["adapter_version"] == adapter["adapter_version"]
     assert client.list_artifacts(version.run_id, "adapter")
@@ -171,7 +171,7 @@ def test_generations_are_catalogued_and_reproducible_from_their_lineage(env, sub
     content_hash, prompt, seed, params, _, uri = rows[3]
     stored = Image.open(io.BytesIO(Path(uri.removeprefix("file://")).read_bytes()))
     # regenerate from the recorded lineage alone: base model + adapter + prompt + seed
-    record = lora_assets.adapter_record(env.models, SUBJECT)
+    record = lora.adapter_record(env.models.services(), SUBJECT)
     pipe = load_adapter(load_pipeline(record.base_model_dir, device="cpu"), record.adapter_dir)
     (again,) = generate_images(
         pipe,
@@ -210,9 +210,9 @@ def test_gates_set_to_fail_block_the_version_and_take_its_candidate_alias_away(e
         env.declare(subjects.DEMO_SUBJECT)
     assert checks(result) == {"quality_gates": False}
     client = env.mlflow()
-    name = lora_assets.lora_model_name(SUBJECT)
+    name = registry.lora_model_name(SUBJECT)
     (version,) = client.search_model_versions(f"name = '{name}'")
-    assert version.tags[gen_assets.GATE_TAG] == "failed"
+    assert version.tags[registry.GATE_TAG] == "failed"
     assert "fid" in version.tags["mm.gate_failures"]
     with pytest.raises(mlflow.exceptions.MlflowException):
         client.get_model_version_by_alias(name, "candidate")
@@ -276,7 +276,7 @@ def test_subjects_sensor_adds_new_and_changed_subjects_once(tmp_path, monkeypatc
 def test_the_demo_base_model_is_trained_on_the_catalog_tracked_and_registered(env):
     models = ModelsResource(models_dir=str(env.root / "base-models"))  # no MM_DIFFUSION_BASE
     result = dg.materialize(
-        [lora_assets.lora_base_model],
+        [gen_assets.lora_base_model],
         instance=env.instance,
         resources={**env.resources, "models": models},
         run_config={"ops": {"lora_base_model": {"config": {"vae_steps": 20, "unet_steps": 20}}}},

@@ -15,7 +15,9 @@ import psycopg
 from dagster_aws.s3 import S3Resource
 
 from mm_pipelines.defs import defs
-from mm_pipelines.defs.assets.ingest import objects_intact, quarantine_rate, raw_media
+from mm_pipelines.defs.ingest.assets import raw_media
+from mm_pipelines.defs.ingest.checks import objects_intact, quarantine_rate
+from mm_pipelines.defs.ingest.sensors import landing_sensor
 from mm_pipelines.defs.partitions import batch_partitions
 from mm_pipelines.defs.resources import (
     CatalogResource,
@@ -23,7 +25,6 @@ from mm_pipelines.defs.resources import (
     LandingResource,
     MediaStoreResource,
 )
-from mm_pipelines.defs.sensors import landing_sensor
 from mm_pipelines_tests import bad_media
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
 import dagster as dg
 import mlflow
 
-from mm_pipelines.defs.assets.embed import clip_model
+from mm_pipelines.defs.embed.assets import clip_model
 from mm_pipelines.defs.resources import ComputeResource, MLflowResource, ModelsResource
 
 

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 
 from mm_pipelines.defs.resources import MLflowResource
-from mm_pipelines.defs.sensors import serving_sensor
+from mm_pipelines.defs.serve.sensors import serving_sensor
 from mm_pipelines.pipeline import registry
 
 NAME = "mm-lora-acme"

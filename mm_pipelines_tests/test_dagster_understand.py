@@ -11,14 +11,15 @@ import psycopg
 import pytest
 from dagster_aws.s3 import S3Resource
 
-from mm_pipelines.defs.assets.ingest import raw_media
-from mm_pipelines.defs.assets.understand import transcripts, video_frames
+from mm_pipelines.defs.ingest.assets import raw_media
 from mm_pipelines.defs.resources import (
     CatalogResource,
     ComputeResource,
     LandingResource,
     MediaStoreResource,
+    ModelsResource,
 )
+from mm_pipelines.defs.understand.assets import transcripts, video_frames
 from mm_pipelines.models.speech.whisper import load_audio
 from mm_pipelines.pipeline.sample_data import SPEECH_DIR, scene_frames, write_video
 
@@ -45,6 +46,7 @@ def run(assets, landing: Path, tmp_path: Path, dsn: str, instance) -> dg.Execute
         "landing": LandingResource(uri=str(landing), s3=s3),
         "media_store": MediaStoreResource(local_dir=str(tmp_path / "media"), s3=s3),
         "compute": ComputeResource(device="cpu", io_workers=2),
+        "models": ModelsResource(models_dir=str(tmp_path / "models")),
     }
     return dg.materialize(assets, partition_key="u1", instance=instance, resources=resources)
 

@@ -11,16 +11,15 @@ import dagster as dg
 import pytest
 from dagster_aws.s3 import S3Resource
 
-from mm_pipelines.defs.assets.embed import (
-    ann_recall,
+from mm_pipelines.defs.embed.assets import (
     audio_embeddings,
     clip_embeddings,
     unified_embeddings,
     unified_projector,
     vector_index,
 )
-from mm_pipelines.defs.assets.ingest import raw_media
-from mm_pipelines.defs.assets.understand import transcripts, video_frames
+from mm_pipelines.defs.embed.checks import ann_recall
+from mm_pipelines.defs.ingest.assets import raw_media
 from mm_pipelines.defs.resources import (
     CatalogResource,
     ComputeResource,
@@ -29,6 +28,7 @@ from mm_pipelines.defs.resources import (
     MLflowResource,
     ModelsResource,
 )
+from mm_pipelines.defs.understand.assets import transcripts, video_frames
 from mm_pipelines.models.demo.shapes import draw_shape
 from mm_pipelines.models.speech.whisper import load_audio
 from mm_pipelines.pipeline.sample_data import SPEECH_DIR, scene_frames, write_video

@@ -1,4 +1,5 @@
-"""The one Definitions object of the project (found through workspace.yaml)."""
+"""The one Definitions object of the project (found through workspace.yaml), assembled from
+the groups: ingest, understand, embed, generative, serve."""
 
 import warnings
 
@@ -7,66 +8,37 @@ import dagster as dg
 # partitioned asset checks are "preview" in Dagster 1.13; we rely on them knowingly
 warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*")
 
-from mm_pipelines.defs.assets.embed import (  # noqa: E402
-    ann_recall,
-    audio_embeddings,
-    clip_embeddings,
-    clip_model,
-    unified_embeddings,
-    unified_projector,
-    vector_index,
-)
-from mm_pipelines.defs.assets.generate import (  # noqa: E402
-    generated_images,
-    generation_quality,
-    quality_gates,
-)
-from mm_pipelines.defs.assets.ingest import objects_intact, quarantine_rate, raw_media  # noqa: E402
-from mm_pipelines.defs.assets.lora import (  # noqa: E402
-    enough_images,
-    lora_adapter,
-    lora_base_model,
-    lora_training_set,
-)
-from mm_pipelines.defs.assets.serve import online_model  # noqa: E402
-from mm_pipelines.defs.assets.understand import transcripts, video_frames  # noqa: E402
-from mm_pipelines.defs.jobs import (  # noqa: E402
-    batch_pipeline,
-    export_online_model_job,
+from mm_pipelines.defs.embed import assets as embed_assets  # noqa: E402
+from mm_pipelines.defs.embed import checks as embed_checks  # noqa: E402
+from mm_pipelines.defs.embed.jobs import train_clip_job, train_projector_job  # noqa: E402
+from mm_pipelines.defs.generative import assets as generative_assets  # noqa: E402
+from mm_pipelines.defs.generative import checks as generative_checks  # noqa: E402
+from mm_pipelines.defs.generative.jobs import (  # noqa: E402
     reevaluate_quality_job,
     subject_pipeline,
-    train_clip_job,
     train_diffusion_base_job,
-    train_projector_job,
 )
-from mm_pipelines.defs.k8s import executor_from_env  # noqa: E402
-from mm_pipelines.defs.resources import build_resources  # noqa: E402
-from mm_pipelines.defs.sensors import (  # noqa: E402
-    landing_sensor,
+from mm_pipelines.defs.generative.sensors import (  # noqa: E402
     nightly_quality_review,
-    serving_sensor,
     subjects_sensor,
 )
+from mm_pipelines.defs.ingest import assets as ingest_assets  # noqa: E402
+from mm_pipelines.defs.ingest import checks as ingest_checks  # noqa: E402
+from mm_pipelines.defs.ingest.jobs import batch_pipeline  # noqa: E402
+from mm_pipelines.defs.ingest.sensors import landing_sensor  # noqa: E402
+from mm_pipelines.defs.k8s import executor_from_env  # noqa: E402
+from mm_pipelines.defs.resources import build_resources  # noqa: E402
+from mm_pipelines.defs.serve import assets as serve_assets  # noqa: E402
+from mm_pipelines.defs.serve.jobs import export_online_model_job  # noqa: E402
+from mm_pipelines.defs.serve.sensors import serving_sensor  # noqa: E402
+from mm_pipelines.defs.understand import assets as understand_assets  # noqa: E402
+
+GROUPS = [ingest_assets, understand_assets, embed_assets, generative_assets, serve_assets]
+CHECKS = [ingest_checks, embed_checks, generative_checks]
 
 defs = dg.Definitions(
-    assets=[
-        raw_media,
-        video_frames,
-        transcripts,
-        clip_model,
-        clip_embeddings,
-        audio_embeddings,
-        unified_projector,
-        unified_embeddings,
-        vector_index,
-        lora_base_model,
-        lora_training_set,
-        lora_adapter,
-        generated_images,
-        generation_quality,
-        online_model,
-    ],
-    asset_checks=[quarantine_rate, objects_intact, ann_recall, enough_images, quality_gates],
+    assets=dg.load_assets_from_modules(GROUPS),
+    asset_checks=dg.load_asset_checks_from_modules(CHECKS),
     jobs=[
         batch_pipeline,
         train_clip_job,

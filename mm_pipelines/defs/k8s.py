@@ -19,19 +19,15 @@ they come from the environment of the user-code deployment, like every other set
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mm_pipelines import settings
+
 K8S_CONFIG_TAG = "dagster-k8s/config"
 GPU_RESOURCE = "nvidia.com/gpu"
-# GKE, AKS and the NVIDIA GPU operator taint GPU nodes with this key; tolerating it by default
-# means a selector alone is enough to land on them
-DEFAULT_GPU_TOLERATIONS: tuple[dict[str, str], ...] = (
-    {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
-)
+DEFAULT_GPU_TOLERATIONS = tuple(settings.DEFAULT_GPU_TOLERATIONS)
 
 
 @dataclass(frozen=True)
@@ -71,31 +67,9 @@ def k8s_gpu_tags(compute: K8sGpuCompute) -> dict[str, Any]:
     return {K8S_CONFIG_TAG: config}
 
 
-def _json_env(name: str, default: Any, kind: type) -> Any:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{name} must be JSON ({kind.__name__}): {err}") from err
-    if not isinstance(value, kind):
-        raise ValueError(f"{name} must be a JSON {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
 def gpu_compute_from_env() -> K8sGpuCompute:
-    """Read the `MM_K8S_GPU*` variables (see the module doc); no variables -> 0 GPUs."""
-    env = os.environ.get
-    return K8sGpuCompute(
-        gpus=int(env("MM_K8S_GPUS", "0") or 0),
-        node_selector=_json_env("MM_K8S_GPU_NODE_SELECTOR", {}, dict),
-        tolerations=_json_env("MM_K8S_GPU_TOLERATIONS", list(DEFAULT_GPU_TOLERATIONS), list),
-        cpu_request=env("MM_K8S_GPU_CPU_REQUEST") or None,
-        cpu_limit=env("MM_K8S_GPU_CPU_LIMIT") or None,
-        memory_request=env("MM_K8S_GPU_MEMORY_REQUEST") or None,
-        memory_limit=env("MM_K8S_GPU_MEMORY_LIMIT") or None,
-    )
+    """The `MM_K8S_GPU*` settings (see the module doc); none set -> 0 GPUs."""
+    return K8sGpuCompute(**settings.k8s_gpu())
 
 
 def gpu_op_tags() -> dict[str, Any]:
@@ -110,7 +84,7 @@ def executor_from_env() -> Any:
     The import is lazy so a laptop never loads the Kubernetes client."""
     import dagster as dg
 
-    if os.environ.get("MM_EXECUTOR", "").strip().lower() != "k8s":
+    if settings.executor() != "k8s":
         return dg.multi_or_in_process_executor
     from dagster_k8s import k8s_job_executor
 

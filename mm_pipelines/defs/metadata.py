@@ -26,3 +26,8 @@ def markdown_gallery(items: list[tuple[str, bytes]], max_px: int = 96) -> str:
         except OSError:
             continue
     return " ".join(cells)
+
+
+def png_markdown(title: str, png: bytes, alt: str = "image") -> str:
+    """Markdown with one inline image (a data URI: the UI shows it, nothing to fetch)."""
+    return f"{title}\n\n![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"

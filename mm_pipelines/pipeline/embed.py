@@ -17,9 +17,14 @@ from mm_pipelines.models.clip.loading import ClipBundle
 from mm_pipelines.models.speech import audio_encoder as audio_embed
 from mm_pipelines.models.speech import whisper as speech
 from mm_pipelines.models.unified.projector import UnifiedProjector, mean_text_vectors
+from mm_pipelines.pipeline import model_store as ms
+from mm_pipelines.pipeline import registry
+from mm_pipelines.pipeline.services import DEMO, UNIFIED, Services
+from mm_pipelines.pipeline.tracking import RunSpec
 from mm_pipelines.storage import embeddings, vectors
 from mm_pipelines.storage.embeddings import EmbeddingRow, Item
 from mm_pipelines.storage.media_store import MediaStore
+from mm_pipelines.storage.postgres import connect
 from mm_pipelines.storage.vectors import to_array
 
 _log = logging.getLogger(__name__)
@@ -330,3 +335,211 @@ def vector_rows(frame: pd.DataFrame) -> list[vectors.VectorRow]:
         vectors.VectorRow(**{c: clean(c, record[c]) for c in vectors.COLUMNS})
         for record in frame.to_dict("records")
     ]
+
+
+# --------------------------------------------------------------------------- stage drivers
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class ClipModelResult:
+    model_version: str
+    trained_here: bool
+    heldout_recall_at_1: float | None = None
+    steps: int | None = None
+    train_seconds: float | None = None
+    registered_version: str | None = None
+    run_url: str | None = None
+
+
+def build_clip_model(
+    svc: Services, run: RunSpec, steps: int | None = None, seed: int = 0, log: Progress = _quiet
+) -> ClipModelResult:
+    """The configured CLIP (checked to load), or the demo's tiny CLIP trained on drawn
+    shapes, tracked, published to the model store and registered."""
+    import dataclasses
+
+    from mm_pipelines.models.clip.loading import WEIGHTS_FILENAME, load_clip
+    from mm_pipelines.models.demo import tiny_clip
+
+    if svc.choice.clip_checkpoint:
+        return ClipModelResult(svc.load_clip().model_version, trained_here=False)
+    cfg = dataclasses.replace(
+        tiny_clip.DEMO_TRAIN_CONFIG, steps=steps or tiny_clip.DEMO_TRAIN_CONFIG.steps, seed=seed
+    )
+    store, device = svc.need_models(), svc.compute.torch_device()
+    with store.staging("clip") as work, svc.need_tracker().run(run) as tracked:
+        tracked.params(cfg.to_dict())
+
+        def progress(step: int, loss: float) -> None:
+            tracked.step("loss", loss, step)
+            if step % 250 == 0:
+                log(f"step {step}/{cfg.steps} loss {loss:.3f}")
+
+        target = work / WEIGHTS_FILENAME
+        result = tiny_clip.train_clip(cfg, device=device, progress=progress, checkpoint_path=target)
+        bundle = load_clip(cfg.architecture, target, device=device)
+        recall = tiny_clip.evaluate_on_heldout(bundle)
+        tracked.metrics({"heldout_recall_at_1": recall, "train_seconds": result.seconds})
+        published = tracked.publish(
+            store,
+            ms.CLIP,
+            DEMO,
+            work,
+            registered_name=registry.CLIP_MODEL,
+            metadata={"weights": target.name, "model_version": bundle.model_version},
+            tags={"model_version": bundle.model_version},
+            artifact_path="clip",
+        )
+    return ClipModelResult(
+        bundle.model_version,
+        True,
+        recall,
+        result.steps_done,
+        round(result.seconds, 1),
+        published.registered_version,
+        tracked.url,
+    )
+
+
+@dataclass
+class BatchEncodeResult:
+    model_version: str
+    stats: EncodeStats
+
+
+def embed_clip_batch(
+    svc: Services, batch: str, batch_size: int = 64, log: Progress = _quiet
+) -> BatchEncodeResult:
+    """CLIP vectors of the batch's images, frames, captions, texts and transcript segments."""
+    bundle = svc.load_clip()
+    transcript_version = speech.model_version(svc.choice.whisper_model)
+    with connect(svc.need_dsn()) as conn:
+        items = embeddings.batch_items(conn, batch, transcript_version)
+        stats = embed_clip_items(
+            conn,
+            svc.need_media(),
+            bundle,
+            items,
+            batch_size,
+            svc.compute.dataloader_workers,
+            progress=log,
+        )
+    return BatchEncodeResult(bundle.model_version, stats)
+
+
+def embed_audio_batch(svc: Services, batch: str, log: Progress = _quiet) -> BatchEncodeResult:
+    """Whisper-encoder vectors of the batch's audio files and video sound tracks."""
+    encoder = audio_embed.load_whisper_encoder(
+        svc.choice.whisper_model, device=svc.compute.torch_device()
+    )
+    with connect(svc.need_dsn()) as conn:
+        items = embeddings.batch_items(conn, batch, None)
+        stats = embed_audio_items(conn, svc.need_media(), encoder, items, progress=log)
+    return BatchEncodeResult(encoder.model_version, stats)
+
+
+@dataclass
+class ProjectorResult:
+    projector_version: str
+    pairs: int
+    metrics: dict[str, float]
+    registered_version: str
+    run_url: str
+
+
+def train_unified_projector(svc: Services, run: RunSpec, log: Progress = _quiet) -> ProjectorResult:
+    """The audio head into CLIP's space, trained on every batch's speech<->transcript and
+    sound<->frame pairs; tracked, published to the model store and registered."""
+    from mm_pipelines.models.unified import projector as proj
+
+    bundle = svc.load_clip()
+    whisper = svc.choice.whisper_model
+    audio_version = audio_embed.load_whisper_encoder(whisper).model_version
+    with connect(svc.need_dsn()) as conn:
+        audio, targets, groups = projector_pairs(
+            conn, bundle, audio_version, speech.model_version(whisper)
+        )
+    log(f"training the audio head on {len(audio)} pairs")
+    store = svc.need_models()
+    with store.staging("projector") as work, svc.need_tracker().run(run) as tracked:
+        cfg = proj.ProjectorTrainConfig()
+        tracked.params({**vars(cfg), "pairs": len(audio)})
+        result = proj.train_projector(
+            audio,
+            targets,
+            groups,
+            cfg,
+            bundle.model_version,
+            audio_version,
+            device=svc.compute.torch_device(),
+            progress=lambda step, loss: tracked.step("loss", loss, step),
+        )
+        version = proj.save_projector(result.projector, work)
+        metrics = {k: float(v) for k, v in result.metrics.items()}
+        tracked.metrics(metrics)
+        published = tracked.publish(
+            store,
+            ms.PROJECTOR,
+            UNIFIED,
+            work,
+            registered_name=registry.PROJECTOR_MODEL,
+            metadata={"projector_version": version},
+            tags={"projector_version": version},
+            artifact_path="projector",
+        )
+    return ProjectorResult(version, len(audio), metrics, published.registered_version, tracked.url)
+
+
+@dataclass
+class UnifiedResult:
+    frame: pd.DataFrame
+    projector_version: str
+
+    @property
+    def by_kind(self) -> dict[str, int]:
+        return self.frame["item_kind"].value_counts().to_dict() if len(self.frame) else {}
+
+    @property
+    def dim(self) -> int:
+        return int(len(self.frame["embedding"].iloc[0])) if len(self.frame) else 0
+
+
+def unified_batch(svc: Services, batch: str) -> UnifiedResult:
+    """Every item of the batch in the unified space, with its lineage."""
+    from mm_pipelines.models.unified.projector import load_projector
+
+    projector = load_projector(svc.projector_dir(), device=svc.compute.torch_device())
+    with connect(svc.need_dsn()) as conn:
+        items = embeddings.batch_items(conn, batch, speech.model_version(svc.choice.whisper_model))
+        frame = unified_frame(
+            conn,
+            batch,
+            items,
+            projector.config.clip_model_version,
+            projector.config.audio_model_version,
+            projector,
+        )
+    return UnifiedResult(frame, projector.version)
+
+
+def index_batch(svc: Services, batch: str, frame: pd.DataFrame) -> tuple[int, int]:
+    """Replace the batch's rows in pgvector in one transaction: (written, index total)."""
+    rows = vector_rows(frame)
+    with connect(svc.need_dsn()) as conn:
+        written = vectors.replace_batch(conn, batch, rows)
+        return written, vectors.count(conn)
+
+
+def index_recall(svc: Services, batch: str, sample_queries: int, k: int = 10) -> dict[int, float]:
+    """HNSW top-k vs exact search on a sample of the batch's vectors, per dimension."""
+    with connect(svc.need_dsn()) as conn:
+        return {
+            dim: vectors.recall_at_k(
+                conn, vectors.sample_embeddings(conn, sample_queries, dim, batch), k
+            )
+            for dim in vectors.batch_dims(conn, batch)
+        }

@@ -1,8 +1,9 @@
-"""The MLflow model registry side of serving: which versions are approved, which is online.
+"""The MLflow model registry: the names of our registered models, their aliases and tags,
+which versions are approved and which is online.
 
-Plain Python over an `mlflow.MlflowClient`. The quality gates (generative assets) put the
-alias `candidate` and the tag `mm.quality_gate=passed` on a LoRA version; exporting it
-moves the alias `champion` to it, and the version it replaces keeps a record of when.
+Plain Python over an `mlflow.MlflowClient`. The quality gates put the alias `candidate` and
+the tag `mm.quality_gate=passed` on a LoRA version; exporting it moves the alias `champion`
+to it, and the version it replaces keeps a record of when.
 """
 
 from __future__ import annotations
@@ -11,10 +12,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+# registered model names
+CLIP_MODEL = "mm-clip"
+PROJECTOR_MODEL = "mm-unified-projector"
+DIFFUSION_BASE_MODEL = "mm-diffusion-base"
 LORA_PREFIX = "mm-lora-"
+
+# aliases and tags
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 GATE_TAG = "mm.quality_gate"
+GATE_FAILURES_TAG = "mm.gate_failures"
+
+
+def lora_model_name(subject: str) -> str:
+    return f"{LORA_PREFIX}{subject}"
 
 
 @dataclass(frozen=True)
@@ -93,3 +105,28 @@ def promote(client: Any, name: str, version: str, bundle_version: str) -> str | 
     client.set_model_version_tag(name, str(version), "mm.online_since", now)
     client.set_model_version_tag(name, str(version), "mm.bundle_version", bundle_version)
     return previous if previous != str(version) else None
+
+
+def latest_version(client: Any, name: str) -> dict[str, str]:
+    """The newest version of a registered model as manifest fields ({} when none)."""
+    versions = client.search_model_versions(f"name = '{name}'")
+    if not versions:
+        return {}
+    mv = max(versions, key=lambda v: int(v.version))
+    return {
+        "registered_name": name,
+        "registered_version": str(mv.version),
+        "mlflow_run_id": mv.run_id,
+    }
+
+
+def apply_gate(client: Any, name: str, version: str, failures: list[str]) -> None:
+    """Record a gate decision: passed -> tag + `candidate` alias; failed -> tag, reasons,
+    and the alias taken away if it pointed at this version."""
+    client.set_model_version_tag(name, version, GATE_TAG, "failed" if failures else "passed")
+    if failures:
+        client.set_model_version_tag(name, version, GATE_FAILURES_TAG, "; ".join(failures))
+        if alias_version(client, name, CANDIDATE) == str(version):
+            client.delete_registered_model_alias(name, CANDIDATE)
+    else:
+        client.set_registered_model_alias(name, CANDIDATE, version)

@@ -115,7 +115,7 @@ class Subject:
 
 
 def subjects_path() -> Path:
-    return Path(settings.env("MM_SUBJECTS", str(settings.mm_home() / "subjects.yaml")))
+    return settings.subjects_file()
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:

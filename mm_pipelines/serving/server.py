@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mm serve", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--store",
-        default=settings.env("MM_SERVING_STORE"),
+        default=settings.serving_store(),
         help="serving store: a folder or s3://bucket/prefix (env MM_SERVING_STORE; "
         "default $MM_HOME/serving)",
     )

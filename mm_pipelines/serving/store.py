@@ -168,7 +168,9 @@ def open_store(location: str | Path, client: Any = None) -> ServingStore:
         if client is None:
             import boto3
 
-            client = boto3.client("s3", endpoint_url=os.environ.get("MM_S3_ENDPOINT_URL") or None)
+            from mm_pipelines import settings
+
+            client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url())
         return S3ServingStore(client, bucket, prefix)
     return LocalServingStore(text)
 
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mm_pipelines.serving.store")
     parser.add_argument(
         "--store",
-        default=settings.env("MM_SERVING_STORE", str(settings.mm_home() / "serving")),
+        default=settings.serving_store(),
     )
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("current", help="print the online bundle version")

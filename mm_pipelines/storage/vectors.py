@@ -221,6 +221,14 @@ def recall_at_k(
     return hits / total if total else 1.0
 
 
+def batch_dims(conn: psycopg.Connection, batch: str) -> list[int]:
+    """The vector dimensions present in a batch (one HNSW index per dimension)."""
+    rows = conn.execute(
+        "SELECT DISTINCT vector_dims(embedding) FROM unified_vectors WHERE batch = %s", (batch,)
+    )
+    return [r[0] for r in rows]
+
+
 def count(conn: psycopg.Connection, batch: str | None = None) -> int:
     if batch is None:
         return conn.execute("SELECT count(*) FROM unified_vectors").fetchone()[0]

@@ -4,10 +4,7 @@ Plain Python (no Dagster, no MLflow)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,35 +19,6 @@ from mm_pipelines.models.diffusion.metrics import (
     extract_features,
     mean_color_distance,
 )
-
-
-@dataclass
-class AdapterRecord:
-    """What `lora_adapter` leaves next to the adapter for the assets downstream."""
-
-    subject: str
-    adapter_version: str
-    adapter_dir: str
-    base_model_version: str
-    base_model_dir: str
-    training_set_version: str
-    registered_model: str | None = None
-    registered_version: str | None = None
-    mlflow_run_id: str | None = None
-    steps_done: int = 0
-    best_step: int | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2, default=str))
-
-    @classmethod
-    def load(cls, path: str | Path) -> AdapterRecord:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no adapter record at {path}: materialize lora_adapter")
-        return cls(**json.loads(path.read_text()))
-
 
 # --------------------------------------------------------------------------- metrics
 

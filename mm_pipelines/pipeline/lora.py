@@ -1,0 +1,435 @@
+"""A subject's LoRA workflow up to the adapter: the diffusion base model, the subject's
+training set (from the catalog) and its adapter.
+
+Every artifact one step hands the next goes through the model store: the base model, the
+training set, the adapter (with its lineage as metadata) and the LoRA checkpoints, so a
+retry on another machine resumes where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from mm_pipelines.models.common import encode_image, image_grid, weights_version
+from mm_pipelines.pipeline import model_store as ms
+from mm_pipelines.pipeline import registry, subjects
+from mm_pipelines.pipeline.services import DEMO, Services
+from mm_pipelines.pipeline.tracking import RunSpec
+from mm_pipelines.storage import generated
+from mm_pipelines.storage.postgres import connect
+
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------- base model
+
+
+@dataclass
+class BaseModelResult:
+    model_version: str
+    trained_here: bool
+    images: int = 0
+    final_unet_loss: float | None = None
+    train_seconds: float | None = None
+    registered_version: str | None = None
+    run_url: str | None = None
+
+
+def build_base_model(
+    svc: Services,
+    run: RunSpec,
+    vae_steps: int = 500,
+    unet_steps: int = 300,
+    seed: int = 0,
+    log: Log = _quiet,
+) -> BaseModelResult:
+    """MM_DIFFUSION_BASE (checked to load), or the demo's tiny pipeline trained on the
+    catalog's captioned images, tracked, published to the model store and registered."""
+    from mm_pipelines.models.demo.tiny_diffusion import BaseTrainConfig, train_base_pipeline
+
+    if svc.choice.diffusion_base:
+        svc.load_base_pipeline()
+        return BaseModelResult(weights_version(svc.choice.diffusion_base, "sd"), False)
+    with connect(svc.need_dsn()) as conn:
+        rows = [r for r in generated.select_images(conn, limit=10_000) if r.caption]
+    if not rows:
+        raise ValueError("no captioned images in the catalog: ingest a batch (raw_media) first")
+    images, captions = [], []
+    for row in rows:
+        with Image.open(io.BytesIO(svc.need_media().read_bytes(row.content_hash))) as im:
+            image = im.convert("RGB")
+        # mirrored copies double a small set; shapes and colours read the same mirrored
+        images += [image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+        captions += [row.caption, row.caption]
+    cfg = BaseTrainConfig(vae_steps=vae_steps, unet_steps=unet_steps, seed=seed)
+    store = svc.need_models()
+    with store.staging("diffusion-base") as work, svc.need_tracker().run(run) as tracked:
+        tracked.params({**dataclasses.asdict(cfg), "images": len(rows)})
+
+        def progress(name: str) -> Callable[[int, float], None]:
+            def report(step: int, loss: float) -> None:
+                tracked.step(name, loss, step)
+                if step % 100 == 0:
+                    log(f"{name} step {step}: {loss:.4f}")
+
+            return report
+
+        result = train_base_pipeline(
+            images,
+            captions,
+            train_config=cfg,
+            device=svc.compute.torch_device(),
+            output_dir=work,
+            progress=progress("unet_loss"),
+            vae_progress=progress("vae_loss"),
+        )
+        version = weights_version(work, "sd")
+        tracked.metrics({"train_seconds": result.seconds})
+        published = tracked.publish(
+            store,
+            ms.DIFFUSION_BASE,
+            DEMO,
+            work,
+            registered_name=registry.DIFFUSION_BASE_MODEL,
+            version=version,
+            tags={"model_version": version},
+            artifact_path="pipeline",
+        )
+    return BaseModelResult(
+        version,
+        True,
+        len(rows),
+        result.unet_losses[-1],
+        round(result.seconds, 1),
+        published.registered_version,
+        tracked.url,
+    )
+
+
+def base_model_version(svc: Services) -> tuple[Path, str, str | None]:
+    """(local folder, model version, store version or None for an external base)."""
+    if svc.choice.diffusion_base:
+        path = Path(svc.choice.diffusion_base)
+        return path, weights_version(path, "sd"), None
+    artifact = svc.need_models().get(ms.DIFFUSION_BASE, DEMO)
+    return artifact.path, artifact.version, artifact.version
+
+
+# --------------------------------------------------------------------------- training set
+
+
+@dataclass
+class TrainingSetResult:
+    version: str
+    images: int
+    resolution: int
+    subject_fingerprint: str
+    skipped: list[tuple[str, str]]
+    thumbnails: list[tuple[str, bytes]]  # (label, PNG)
+
+
+def build_training_set(svc: Services, subject_name: str) -> TrainingSetResult:
+    """The subject's images selected from the catalog, cropped to the base model's
+    resolution, stored as the subject's current training set."""
+    from mm_pipelines.models.diffusion.pipeline import pipeline_dir_resolution
+    from mm_pipelines.models.diffusion.training_set import (
+        build_training_set as build,
+    )
+    from mm_pipelines.models.diffusion.training_set import save_training_set
+
+    subject = subjects.get_subject(subject_name)
+    sel = subject.select
+    with connect(svc.need_dsn()) as conn:
+        rows = generated.select_images(
+            conn,
+            batches=sel.batches,
+            tenant=sel.tenant,
+            caption_contains=sel.caption_contains,
+            content_hashes=sel.content_hashes,
+            limit=10_000 if sel.query else sel.limit,
+        )
+        if sel.query:
+            rows = _rank_by_query(svc, conn, rows, sel.query, sel.limit)
+    store = svc.need_media()
+    items = [(store.read_bytes(r.content_hash), r.content_hash, r.caption) for r in rows]
+    resolution = pipeline_dir_resolution(svc.diffusion_base_dir())
+    ts, skipped = build(items, resolution, subject.instance_prompt)
+    models = svc.need_models()
+    with models.staging("training-set") as work:
+        save_training_set(ts, work)
+        models.put(ms.TRAINING_SET, subject.name, work, version=ts.version, make_current=True)
+    pairs = zip(ts.source_hashes, ts.images, strict=True)
+    return TrainingSetResult(
+        ts.version,
+        len(ts.images),
+        resolution,
+        subject.fingerprint(),
+        skipped,
+        [(h[:12], encode_image(im, "png")) for h, im in pairs][:24],
+    )
+
+
+def _rank_by_query(svc: Services, conn: Any, rows: list, query: str, limit: int) -> list:
+    """Keep the `limit` rows whose images (or captions) score highest for `query`."""
+    from mm_pipelines.pipeline.search import QueryModels, search
+
+    architecture, checkpoint = svc.clip_source()
+    qm = QueryModels.load(
+        architecture, checkpoint, svc.projector_dir(), device=svc.compute.torch_device()
+    )
+    allowed = {r.content_hash: r for r in rows}
+    results = search(conn, qm, query, k=max(limit * 4, 50), modalities=["image"])
+    ranked = [allowed[h["content_hash"]] for h in results.images if h["content_hash"] in allowed]
+    return ranked[:limit]
+
+
+def load_training_set(svc: Services, subject_name: str) -> Any:
+    from mm_pipelines.models.diffusion.training_set import load_training_set as load
+
+    try:
+        return load(svc.need_models().get(ms.TRAINING_SET, subject_name).path)
+    except ms.ArtifactNotFound as err:
+        raise FileNotFoundError(f"{err}: materialize lora_training_set first") from err
+
+
+# --------------------------------------------------------------------------- adapter
+
+# defaults under the subject's `lora:` overrides
+LORA_DEFAULTS: dict[str, Any] = {
+    "checkpoint_every": 50,
+    "validation_every": 50,
+    "validation_seeds": tuple(range(8)),  # 4 seeds made the early-stopping metric too noisy
+    "validation_inference_steps": 20,
+    "validation_guidance_scale": 3.0,
+}
+
+
+@dataclass
+class AdapterRecord:
+    """The lineage of a subject's current adapter, kept as the adapter artifact's metadata."""
+
+    subject: str
+    adapter_version: str
+    base_model_version: str
+    base_store_version: str | None  # None: an external base (MM_DIFFUSION_BASE)
+    training_set_version: str
+    registered_model: str | None = None
+    registered_version: str | None = None
+    mlflow_run_id: str | None = None
+    steps_done: int = 0
+    best_step: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    # local folders, resolved when the record is read (never stored: other machines differ)
+    adapter_dir: str = ""
+    base_model_dir: str = ""
+
+
+def adapter_record(svc: Services, subject: str) -> AdapterRecord:
+    """The subject's current adapter with verified local folders of it and of its base."""
+    try:
+        artifact = svc.need_models().get(ms.ADAPTER, subject)
+    except ms.ArtifactNotFound as err:
+        raise FileNotFoundError(f"{err}: materialize lora_adapter first") from err
+    record = AdapterRecord(**artifact.metadata)
+    record.adapter_dir = str(artifact.path)
+    if record.base_store_version:
+        base = svc.need_models().get(ms.DIFFUSION_BASE, DEMO, record.base_store_version).path
+    else:
+        base = Path(svc.choice.diffusion_base)
+    record.base_model_dir = str(base)
+    return record
+
+
+@dataclass
+class AdapterResult:
+    record: AdapterRecord
+    resumed_from_step: int | None
+    first_loss: float
+    final_loss: float
+    stopped_early: bool
+    best_validation: float | None
+    train_seconds: float
+    run_url: str
+    validation_png: bytes | None = None
+
+
+def checkpoint_name(subject: str, ts_version: str, base_version: str, cfg: Any, metric: str) -> str:
+    """Checkpoints resume only under the same training set, base, resumable settings
+    (LoraTrainConfig.fingerprint) and validation metric; a change starts afresh."""
+    key = json.dumps([ts_version, base_version, cfg.fingerprint(), metric], sort_keys=True)
+    return f"{subject}/{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def train_adapter(
+    svc: Services,
+    subject_name: str,
+    run: RunSpec,
+    steps: int | None = None,
+    resume: bool = True,
+    log: Log = _quiet,
+) -> AdapterResult:
+    """Train (or resume) the subject's LoRA adapter: tracked, checkpointed through the
+    model store, published as the subject's current adapter and registered."""
+    from mm_pipelines.models.diffusion.evaluation import clip_features, validation_metric
+    from mm_pipelines.models.diffusion.lora import train_lora
+
+    subject = subjects.get_subject(subject_name)
+    ts = load_training_set(svc, subject.name)
+    base_dir, base_version, base_store_version = base_model_version(svc)
+    cfg = subjects.lora_config(
+        subject,
+        **LORA_DEFAULTS,
+        validation_prompts=subject.generation_prompts[:2],
+        resume=resume,
+    )
+    if steps:
+        cfg = dataclasses.replace(cfg, steps=steps)
+    features = None
+    if subject.validation_metric == "clip_distance":
+        features = clip_features(svc.load_clip())
+    metric = validation_metric(subject.validation_metric, ts.images, features)
+    ckpt_name = checkpoint_name(
+        subject.name, ts.version, base_version, cfg, subject.validation_metric
+    )
+    pipe = svc.load_base_pipeline(base_dir)
+    store = svc.need_models()
+    last_grid: dict[str, bytes] = {}
+    spec = run.with_tags(subject=subject.name)
+    with store.staging("lora") as work, svc.need_tracker().run(spec) as tracked:
+        if resume:
+            _restore_checkpoint(store, ckpt_name, work)
+        tracked.params(
+            {
+                **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "validation_prompts"},
+                "subject": subject.name,
+                "instance_prompt": subject.instance_prompt,
+                "training_set_version": ts.version,
+                "training_images": len(ts.images),
+                "base_model_version": base_version,
+                "validation_metric": subject.validation_metric,
+            }
+        )
+
+        def on_step(step: int, loss: float) -> None:
+            tracked.step("loss", loss, step)
+            if step % 50 == 0:
+                log(f"step {step}/{cfg.steps} loss {loss:.4f}")
+
+        def on_validation(step: int, images: list, value: float | None) -> None:
+            grid = image_grid([g.image for g in images])
+            tracked.image(grid, f"validation/step_{step:06d}.png")
+            if value is not None:
+                tracked.metrics({f"val_{subject.validation_metric}": value}, step=step)
+            big = grid.resize((grid.width * 2, grid.height * 2))
+            last_grid["png"] = encode_image(big, "png")
+
+        def on_checkpoint(step: int, path: Path) -> None:
+            _store_checkpoint(store, ckpt_name, work, path, step)
+
+        result = train_lora(
+            pipe,
+            ts.images,
+            ts.captions,
+            work,
+            cfg,
+            class_prompt=subject.class_prompt,
+            on_step=on_step,
+            on_validation=on_validation,
+            validation_metric=metric,
+            on_checkpoint=on_checkpoint,
+        )
+        adapter_version = weights_version(result.adapter_dir, "lora")
+        tracked.metrics(
+            {
+                "final_loss": result.losses[-1],
+                "steps_done": result.steps_done,
+                "seconds": result.seconds,
+            }
+        )
+        name = registry.lora_model_name(subject.name)
+        record = AdapterRecord(
+            subject=subject.name,
+            adapter_version=adapter_version,
+            base_model_version=base_version,
+            base_store_version=base_store_version,
+            training_set_version=ts.version,
+            registered_model=name,
+            mlflow_run_id=tracked.run_id,
+            steps_done=result.steps_done,
+            best_step=result.best_step,
+            params={"resumed_from_step": result.resumed_from_step},
+        )
+        # the registered version is known only after registering; the record in the store
+        # is written once with it (artifacts are immutable)
+        tracked.artifacts(result.adapter_dir, "adapter")
+        record.registered_version = tracked.register(
+            "adapter",
+            name,
+            tags={
+                "subject": subject.name,
+                "adapter_version": adapter_version,
+                "base_model_version": base_version,
+                "training_set_version": ts.version,
+            },
+        )
+        metadata = {k: v for k, v in dataclasses.asdict(record).items() if k not in _LOCAL_FIELDS}
+        store.put(
+            ms.ADAPTER,
+            subject.name,
+            result.adapter_dir,
+            version=f"{adapter_version}-v{record.registered_version}",
+            metadata=metadata,
+            make_current=True,
+        )
+    record = adapter_record(svc, subject.name)
+    return AdapterResult(
+        record,
+        result.resumed_from_step,
+        result.losses[0],
+        result.losses[-1],
+        result.stopped_early,
+        result.best_metric,
+        round(result.seconds, 1),
+        tracked.url,
+        last_grid.get("png"),
+    )
+
+
+_LOCAL_FIELDS = ("adapter_dir", "base_model_dir")
+
+
+def _store_checkpoint(store: ms.ModelStore, name: str, work: Path, path: Path, step: int) -> None:
+    """A checkpoint with the best snapshot so far, so a resume elsewhere has both."""
+    with store.staging("checkpoint") as stage:
+        shutil.copytree(path, stage / "checkpoints" / path.name)
+        if (work / "best").is_dir():
+            shutil.copytree(work / "best", stage / "best")
+        artifact = store.put(
+            ms.LORA_CHECKPOINT, name, stage, metadata={"step": step}, make_current=True
+        )
+    store.prune(ms.LORA_CHECKPOINT, name, keep=[artifact.version])
+
+
+def _restore_checkpoint(store: ms.ModelStore, name: str, work: Path) -> None:
+    if store.current(ms.LORA_CHECKPOINT, name) is None:
+        return
+    artifact = store.get(ms.LORA_CHECKPOINT, name)
+    shutil.copytree(artifact.path, work, dirs_exist_ok=True, ignore=_store_files)
+
+
+def _store_files(_dir: str, names: list[str]) -> list[str]:
+    return [n for n in names if n in (ms.MANIFEST, ms.STAMP)]
