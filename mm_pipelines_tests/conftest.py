@@ -13,6 +13,20 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri() -> Iterator[None]:
+    """`mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI; one test's store must not
+    become the next test's (or its subprocesses') default."""
+    import os
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def pg_server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import pgserver

@@ -40,6 +40,7 @@ def demo(tmp_path_factory, demo_clip, base_pipeline_dir):
         "MM_DIFFUSION_BASE": str(base_pipeline_dir),
     }
     env.pop("DAGSTER_HOME", None)
+    env.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri exports it in-process
     proc = run_mm("demo", env=env, timeout=1500)
     yield proc, env
     run_mm("db", "stop", env=env)
