@@ -52,6 +52,27 @@ def resolve_dtype(device: str | torch.device, precision: Precision = "auto") -> 
     return dtype
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights live (its first parameter or buffer); CPU when it has none.
+
+    Inputs a function builds for a model go here, never to a default device: that is what
+    makes the same code run on CPU, CUDA and (in the device tests) PyTorch's meta device.
+    """
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The floating dtype of a module's weights (float32 when it has none)."""
+    for tensor in module.parameters():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """Mixed precision on CUDA only; a no-op on CPU (fp32 there)."""
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):

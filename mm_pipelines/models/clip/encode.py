@@ -1,8 +1,13 @@
 """Batched CLIP encoding of images and texts into L2-normalised float32 vectors.
 
-Images: a torch DataLoader with worker processes decodes and preprocesses while the main
-process runs the model, so the model rarely waits on the decoder. A file that does not
-decode is reported per index (it never stops the batch).
+Images: a torch DataLoader with worker processes feeds the model while it runs on the
+previous batch. Two input paths (`resolve_decode`):
+- "pil" (the CPU default): workers decode with PIL (JPEG draft decoding, see
+  `open_image`) and apply the bundle's own transform;
+- "device" (the CUDA default): workers only read JPEG bytes (other formats: PIL to uint8),
+  and decoding (nvJPEG), resize and normalise run on the model's device
+  (`device_input`), one batch ahead on a side stream.
+A file that does not decode is reported per index (it never stops the batch).
 
 Texts: CLIP's text tower has a hard context limit (77 tokens for real CLIP, 32 for the
 tiny demo model) and open_clip's tokenizer silently truncates past it. Here every text is
@@ -12,13 +17,17 @@ records its chunk index and character span, so nothing is ever dropped unseen.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import os
+import queue
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, TypeVar
 
 import numpy as np
 import regex
@@ -26,9 +35,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from mm_pipelines.models.clip.device_input import (
+    DevicePreprocess,
+    PreparedBatch,
+    RawImages,
+    collate_raw,
+    prepare_batch,
+)
 from mm_pipelines.models.clip.loading import ClipBundle
 
 ImageSource = str | os.PathLike | bytes | Image.Image
+T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------- images
@@ -107,19 +124,78 @@ def model_input_side(bundle: ClipBundle) -> int | None:
     return int(max(size)) if isinstance(size, tuple | list) else int(size)
 
 
-def encode_images(
+DecodeMode = Literal["auto", "pil", "device"]
+
+
+@dataclass
+class FeatureBatch:
+    """One batch of image features on the model's device (nothing copied to the host)."""
+
+    indices: list[int]
+    features: torch.Tensor | None  # [len(indices), dim] float32, L2-normalised
+    errors: dict[int, str]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def resolve_decode(bundle: ClipBundle, decode: DecodeMode = "auto") -> str:
+    """ "device" on CUDA when the preprocess is open_clip's eval transform, else "pil".
+
+    "pil": today's CPU path (PIL decode with JPEG draft + the bundle's transform in worker
+    processes). "device": workers read bytes / decode to uint8, JPEG decoding, resize and
+    normalise run on the model's device (see `device_input`); forced, it runs on CPU too.
+    """
+    if decode not in ("auto", "pil", "device"):
+        raise ValueError(f"decode must be auto, pil or device, got {decode!r}")
+    if decode == "pil":
+        return "pil"
+    supported = DevicePreprocess.from_transform(bundle.preprocess) is not None
+    if decode == "device":
+        if not supported:
+            raise ValueError("decode='device' needs open_clip's eval transform as preprocess")
+        return "device"
+    return "device" if supported and bundle.device.type == "cuda" else "pil"
+
+
+def iter_image_features(
     bundle: ClipBundle,
     sources: Sequence[ImageSource],
     batch_size: int = 64,
     num_workers: int | None = None,
-) -> ImageEncodeResult:
-    """Encode images through the image tower; decode/preprocess overlap the model.
+    decode: DecodeMode = "auto",
+    stats: dict[str, float] | None = None,
+) -> Iterator[FeatureBatch]:
+    """Encode batch by batch; features stay on the model's device (the caller copies).
 
-    ``num_workers`` None picks a worker count from the CPU count; 0 decodes inline
-    (what tiny inputs and debugging want). Worker processes only ever touch PIL/CPU.
+    The next batch is read, decoded and preprocessed while the model runs on this one.
+    ``stats`` (optional) receives host-side timings: seconds waiting for input and
+    seconds launching the model.
     """
+    mode = resolve_decode(bundle, decode)
     workers = default_num_workers() if num_workers is None else num_workers
     workers = min(workers, max(0, -(-len(sources) // batch_size)))  # no idle workers
+    batches = (
+        _pil_batches(bundle, sources, batch_size, workers)
+        if mode == "pil"
+        else _device_batches(bundle, sources, batch_size, workers)
+    )
+    timings = stats if stats is not None else {}
+    timings.update(loader_wait_s=0.0, model_s=0.0, workers=float(workers))
+    t_wait = time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            t_got = time.perf_counter()
+            timings["loader_wait_s"] += t_got - t_wait
+            features = None
+            if batch.pixels is not None:
+                features = encode_image_tensor(bundle, batch.pixels)
+            yield FeatureBatch(batch.indices, features, batch.errors, batch.counts)
+            t_wait = time.perf_counter()
+            timings["model_s"] += t_wait - t_got
+
+
+def _pil_batches(
+    bundle: ClipBundle, sources: Sequence[ImageSource], batch_size: int, workers: int
+) -> Iterator[PreparedBatch]:
     loader = DataLoader(
         _ImageDataset(sources, bundle.preprocess, model_input_side(bundle)),
         batch_size=batch_size,
@@ -129,49 +205,148 @@ def encode_images(
         pin_memory=bundle.device.type == "cuda",
         prefetch_factor=4 if workers else None,
     )
+    for indices, tensor, errors in loader:
+        yield PreparedBatch(indices, tensor, errors)
+
+
+def _device_batches(
+    bundle: ClipBundle, sources: Sequence[ImageSource], batch_size: int, workers: int
+) -> Iterator[PreparedBatch]:
+    """Decode + preprocess on the model's device, one batch ahead in a thread and (CUDA)
+    on a side stream, so that neither waits for the model's kernels."""
+    preprocess = DevicePreprocess.from_transform(bundle.preprocess)
+    assert preprocess is not None  # resolve_decode checked it
+    cuda = bundle.device.type == "cuda"
+    loader = DataLoader(
+        RawImages(sources),
+        batch_size=batch_size,
+        num_workers=workers,
+        worker_init_fn=_lower_priority if workers else None,
+        collate_fn=collate_raw,
+        pin_memory=cuda,  # uint8 pixels from PIL then reach the GPU asynchronously
+        prefetch_factor=4 if workers else None,
+    )
+    side = torch.cuda.Stream(bundle.device) if cuda else None
+
+    def prepare(raw: list) -> tuple[PreparedBatch, torch.cuda.Event | None]:
+        with torch.inference_mode(), torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+            batch = prepare_batch(raw, sources, preprocess, bundle.device, bundle.input_dtype)
+            event = torch.cuda.Event() if cuda else None
+            if event is not None:
+                event.record(side)
+        return batch, event
+
+    for batch, event in _ahead(map(prepare, loader), depth=2):
+        if event is not None:
+            stream = torch.cuda.current_stream(bundle.device)
+            stream.wait_event(event)  # the model's stream waits for this batch's pixels
+            if batch.pixels is not None:
+                batch.pixels.record_stream(stream)
+        yield batch
+
+
+def _ahead(items: Iterable[T], depth: int) -> Iterator[T]:
+    """Iterate `items` in a background thread, up to `depth` items ahead of the consumer;
+    an exception in the thread is raised in the consumer."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put(exc)
+
+    thread = threading.Thread(target=run, name="clip-input", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def encode_images(
+    bundle: ClipBundle,
+    sources: Sequence[ImageSource],
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    decode: DecodeMode = "auto",
+) -> ImageEncodeResult:
+    """Encode images through the image tower; decode/preprocess overlap the model.
+
+    ``num_workers`` None picks a worker count from the CPU count; 0 decodes inline
+    (what tiny inputs and debugging want). ``decode``: see `resolve_decode` ("auto":
+    on the GPU for a CUDA model, PIL in the workers otherwise). Vectors come to the
+    host asynchronously (pinned memory on CUDA) and are waited for once, at the end.
+    """
     indices: list[int] = []
-    chunks: list[np.ndarray] = []
+    chunks: list[torch.Tensor] = []
     errors: dict[int, str] = {}
-    wait_s = model_s = 0.0
+    counts: dict[str, int] = {}
+    timings: dict[str, float] = {}
+    pending: collections.deque = collections.deque()
+    cuda = bundle.device.type == "cuda"
     t_start = time.perf_counter()
-    t_wait = t_start
-    with torch.inference_mode():
-        for batch_idx, tensor, batch_errors in loader:
-            t_got = time.perf_counter()
-            wait_s += t_got - t_wait
-            errors.update(batch_errors)
-            if tensor is not None:
-                chunks.append(_encode_image_tensor(bundle, tensor))
-                indices.extend(batch_idx)
-            t_wait = time.perf_counter()
-            model_s += t_wait - t_got
-    vectors = np.concatenate(chunks) if chunks else np.zeros((0, bundle.embed_dim), np.float32)
+    for batch in iter_image_features(bundle, sources, batch_size, num_workers, decode, timings):
+        errors.update(batch.errors)
+        for key, value in batch.counts.items():
+            counts[key] = counts.get(key, 0) + value
+        if batch.features is None:
+            continue
+        indices.extend(batch.indices)
+        chunks.append(batch.features.to("cpu", non_blocking=cuda))
+        if cuda:  # bound the batches in flight: their inputs hold device memory
+            event = torch.cuda.Event()
+            event.record()
+            pending.append(event)
+            if len(pending) > 3:
+                pending.popleft().synchronize()
+    if cuda:
+        torch.cuda.synchronize(bundle.device)
+    vectors = torch.cat(chunks).numpy() if chunks else np.zeros((0, bundle.embed_dim), np.float32)
     total = time.perf_counter() - t_start
     return ImageEncodeResult(
-        vectors=vectors,
+        vectors=vectors.astype(np.float32, copy=False),
         indices=indices,
         errors=errors,
         model_version=bundle.model_version,
         stats={
             "seconds": total,
             "images_per_s": len(indices) / total if total > 0 else 0.0,
-            "loader_wait_s": wait_s,
-            "model_s": model_s,
-            "workers": float(workers),
+            **timings,
+            **{k: float(v) for k, v in counts.items()},
+            "decode_on_device": float(resolve_decode(bundle, decode) == "device"),
         },
     )
 
 
-def _encode_image_tensor(bundle: ClipBundle, tensor: torch.Tensor) -> np.ndarray:
+def encode_image_tensor(bundle: ClipBundle, tensor: torch.Tensor) -> torch.Tensor:
+    """Preprocessed pixels (any device) -> L2-normalised float32 features on the model's
+    device."""
     x = tensor.to(bundle.device, dtype=bundle.input_dtype, non_blocking=True)
     with bundle.autocast():
         features = bundle.model.encode_image(x)
-    return _normalise(features)
-
-
-def _normalise(features: torch.Tensor) -> np.ndarray:
-    features = torch.nn.functional.normalize(features.float(), dim=-1)
-    return features.cpu().numpy().astype(np.float32, copy=False)
+    return torch.nn.functional.normalize(features.float(), dim=-1)
 
 
 # ----------------------------------------------------------------------------- texts
@@ -351,14 +526,30 @@ def encode_texts(
         for i, t in enumerate(texts)
         for c in chunk_text(t, bundle.tokenizer, bundle.context_length, overlap_tokens, i)
     ]
+    features = encode_chunk_features(bundle, chunks, texts, batch_size)
+    vectors = features.cpu().numpy() if len(chunks) else np.zeros((0, bundle.embed_dim), np.float32)
+    return TextEncodeResult(chunks=chunks, vectors=vectors, model_version=bundle.model_version)
+
+
+def encode_chunk_features(
+    bundle: ClipBundle,
+    chunks: Sequence[TextChunk],
+    texts: Sequence[str],
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Chunks -> L2-normalised float32 [n, dim] on the model's device (one host copy is
+    the caller's, not one per batch)."""
     parts = []
     with torch.inference_mode():
         for k in range(0, len(chunks), batch_size):
-            tokens = _chunk_tokens(bundle, chunks[k : k + batch_size], texts).to(bundle.device)
+            tokens = _chunk_tokens(bundle, chunks[k : k + batch_size], texts)
+            tokens = tokens.to(bundle.device, non_blocking=True)
             with bundle.autocast():
-                parts.append(_normalise(bundle.model.encode_text(tokens)))
-    vectors = np.concatenate(parts) if parts else np.zeros((0, bundle.embed_dim), np.float32)
-    return TextEncodeResult(chunks=chunks, vectors=vectors, model_version=bundle.model_version)
+                features = bundle.model.encode_text(tokens)
+            parts.append(torch.nn.functional.normalize(features.float(), dim=-1))
+    if not parts:
+        return torch.zeros((0, bundle.embed_dim), dtype=torch.float32, device=bundle.device)
+    return torch.cat(parts)
 
 
 def encode_text_query(bundle: ClipBundle, text: str) -> np.ndarray:

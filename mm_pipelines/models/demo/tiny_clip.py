@@ -181,7 +181,7 @@ def _train(config, device, precision, progress, checkpoint_path) -> TrainResult:
     amp = autocast_dtype(prec)
     losses: list[tuple[int, float]] = []
     t0, cpu0 = time.perf_counter(), time.process_time()
-    step, loss_value, stopped_early = 0, float("nan"), False
+    step, loss, stopped_early = 0, None, False
     model.train()
     for step in range(config.steps):
         if config.max_seconds is not None and time.perf_counter() - t0 > config.max_seconds:
@@ -191,13 +191,14 @@ def _train(config, device, precision, progress, checkpoint_path) -> TrainResult:
             group["lr"] = _lr_at(step, config)
         img_idx, combo_idx = _sample_batch(gen, by_combo, groups, config.batch_size)
         loss = _step(model, optimizer, images[img_idx.to(dev)], text_tokens[combo_idx.to(dev)], amp)
-        loss_value = float(loss)
+        # reading a loss waits for the device: only on the steps that are logged
         if step % config.log_every == 0 or step == config.steps - 1:
-            losses.append((step, loss_value))
+            losses.append((step, float(loss)))
             if progress is not None:
-                progress(step, loss_value)
+                progress(step, losses[-1][1])
     else:
         step = config.steps
+    loss_value = float("nan") if loss is None else float(loss)
     model.eval()
     bundle = _bundle_from_trained(model, preprocess, tokenizer, dev, prec, config)
     result = TrainResult(

@@ -24,10 +24,13 @@ from mm_pipelines.models.diffusion.metrics import (
 
 
 def clip_features(bundle: Any) -> ClipImageFeatures:
-    """The CLIP image tower of a ClipBundle as the FID/KID/validation feature extractor."""
+    """The CLIP image tower of a ClipBundle as the FID/KID/validation feature extractor
+    (on the bundle's device, normalised with the model's own mean/std)."""
     size = bundle.model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    return ClipImageFeatures(bundle.model, image_size=int(size), name=bundle.model_version)
+    cfg = getattr(bundle.model.visual, "preprocess_cfg", None) or {}
+    stats = {k: tuple(cfg[k]) for k in ("mean", "std") if k in cfg}
+    return ClipImageFeatures(bundle.model, image_size=int(size), name=bundle.model_version, **stats)
 
 
 def validation_metric(
@@ -44,13 +47,25 @@ def validation_metric(
         raise ValueError(f"unknown validation metric {kind!r} (clip_distance | color_distance)")
     if features is None:
         raise ValueError("clip_distance needs the CLIP feature extractor")
-    centroid = F.normalize(extract_features(references, features).float().mean(0), dim=0)
+    centroid = feature_centroid(references, features)
 
     def metric(gens: list[Any]) -> float:
-        emb = F.normalize(extract_features([g.image for g in gens], features).float(), dim=-1)
-        return float((1.0 - emb @ centroid).mean())
+        return float(clip_distances([g.image for g in gens], features, centroid).mean())
 
     return metric
+
+
+def feature_centroid(images: Sequence[Image.Image], features: torch.nn.Module) -> torch.Tensor:
+    """Unit-length mean feature of `images`, on the extractor's device."""
+    return F.normalize(extract_features(images, features).float().mean(0), dim=0)
+
+
+def clip_distances(
+    images: Sequence[Image.Image], features: torch.nn.Module, centroid: torch.Tensor
+) -> torch.Tensor:
+    """1 - cosine of each image's feature to `centroid`, on the extractor's device."""
+    emb = F.normalize(extract_features(images, features).float(), dim=-1)
+    return 1.0 - emb @ centroid.to(emb.device)
 
 
 def quality_report(
@@ -62,11 +77,14 @@ def quality_report(
     feature: torch.nn.Module,
     *,
     kid_subset_size: int | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """CLIP score (towards `score_prompt`), FID and KID against the references, for the
     adapted pipeline's images and the base pipeline's images on the same prompts and seeds.
-    Sample sizes and the feature extractor are recorded next to the numbers."""
+    Sample sizes and the feature extractor are recorded next to the numbers.
+
+    CLIP score runs where the bundle's model is; ``device`` only places the FID/KID
+    feature extractor (None: where it already is, see `extract_features`)."""
     report: dict[str, Any] = {"score_prompt": score_prompt}
     for name, images in (("adapter", adapted), ("base", base)):
         cs = clip_score(
@@ -76,7 +94,6 @@ def quality_report(
             clip_bundle.tokenizer,
             clip_bundle.preprocess,
             context_length=clip_bundle.context_length,
-            device=device,
         )
         # subjects have few images: the largest subsets KID allows (torchmetrics' default
         # 1000 at most) keep its variance down; half the set (the generic default) gave

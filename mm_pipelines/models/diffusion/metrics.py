@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mm_pipelines.models.common import module_device, module_dtype
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -67,7 +69,6 @@ def clip_score(
     chunk_reduce: Literal["mean", "max"] = "mean",
     pad_id: int = 0,
     batch_size: int = 32,
-    device: str | torch.device = "cpu",
 ) -> ClipScoreResult:
     """CLIP score of each image against its prompt (pairs: images[i] <-> prompts[i]).
 
@@ -79,28 +80,24 @@ def clip_score(
     - "flag": such pairs get no score (None) and their indices are returned in `flagged`.
     - "error": raise ValueError.
     `tokenizer(texts, context_length=N)` must return ids padded with `pad_id` (open_clip).
-    `context_length` defaults to `model.context_length`.
+    `context_length` defaults to `model.context_length`. The model runs where its weights
+    are; the scores come to the host once, at the end.
     """
-    if len(images) != len(prompts):
-        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-    ctx = int(context_length or getattr(model, "context_length", 0) or 0)
-    if ctx <= 0:
-        raise ValueError("context_length is needed (the model has no .context_length)")
-    device = torch.device(device)
-    chunks, flagged = _prompt_chunks(prompts, tokenizer, ctx, pad_id, long_prompts)
-    img_emb = _image_embeddings(images, model, preprocess, batch_size, device)
-    flat = [c for cs in chunks for c in cs]
-    txt_emb = _text_embeddings(flat, model, tokenizer, ctx, batch_size, device)
-    per_pair: list[float | None] = []
-    pos = 0
-    for i, cs in enumerate(chunks):
-        if not cs:
-            per_pair.append(None)
-            continue
-        cos = txt_emb[pos : pos + len(cs)] @ img_emb[i]
-        pos += len(cs)
-        reduced = cos.mean() if chunk_reduce == "mean" else cos.max()
-        per_pair.append(float(100.0 * reduced.clamp_min(0)))
+    scores, chunks, flagged, ctx = _pair_scores(
+        images,
+        prompts,
+        model,
+        tokenizer,
+        preprocess,
+        context_length,
+        long_prompts,
+        chunk_reduce,
+        pad_id,
+        batch_size,
+    )
+    per_pair: list[float | None] = [
+        None if not cs else float(v) for cs, v in zip(chunks, scores.cpu().tolist(), strict=True)
+    ]
     scored = [s for s in per_pair if s is not None]
     return ClipScoreResult(
         score=float(np.mean(scored)) if scored else float("nan"),
@@ -111,6 +108,74 @@ def clip_score(
         chunk_reduce=chunk_reduce,
         context_length=ctx,
     )
+
+
+def clip_score_per_pair(
+    images: ImagesLike,
+    prompts: Sequence[str],
+    model: ClipLike,
+    tokenizer: Callable[..., torch.Tensor],
+    preprocess: Callable[[Image.Image], torch.Tensor] | None = None,
+    *,
+    context_length: int | None = None,
+    long_prompts: Literal["chunk", "flag", "error"] = "chunk",
+    chunk_reduce: Literal["mean", "max"] = "mean",
+    pad_id: int = 0,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """The per-pair scores of `clip_score` as a tensor on the model's device (NaN where a
+    prompt was flagged), without the host copy."""
+    return _pair_scores(
+        images,
+        prompts,
+        model,
+        tokenizer,
+        preprocess,
+        context_length,
+        long_prompts,
+        chunk_reduce,
+        pad_id,
+        batch_size,
+    )[0]
+
+
+def _pair_scores(
+    images: ImagesLike,
+    prompts: Sequence[str],
+    model: ClipLike,
+    tokenizer: Callable[..., torch.Tensor],
+    preprocess: Callable[[Image.Image], torch.Tensor] | None,
+    context_length: int | None,
+    long_prompts: str,
+    chunk_reduce: str,
+    pad_id: int,
+    batch_size: int,
+) -> tuple[torch.Tensor, list[list[str]], list[int], int]:
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    if chunk_reduce not in ("mean", "max"):
+        raise ValueError(f"chunk_reduce must be 'mean' or 'max', got {chunk_reduce!r}")
+    ctx = int(context_length or getattr(model, "context_length", 0) or 0)
+    if ctx <= 0:
+        raise ValueError("context_length is needed (the model has no .context_length)")
+    chunks, flagged = _prompt_chunks(prompts, tokenizer, ctx, pad_id, long_prompts)
+    img_emb = _image_embeddings(images, model, preprocess, batch_size)
+    txt_emb = _text_embeddings([c for cs in chunks for c in cs], model, tokenizer, ctx, batch_size)
+    device = img_emb.device
+    owner = torch.tensor([i for i, cs in enumerate(chunks) for _ in cs], dtype=torch.long)
+    owner = owner.to(device)
+    cos = (txt_emb * img_emb[owner]).sum(-1)  # each chunk against its own image
+    n = len(chunks)
+    if chunk_reduce == "mean":
+        counts = torch.tensor([len(cs) for cs in chunks], dtype=cos.dtype).to(device)
+        reduced = torch.zeros(n, dtype=cos.dtype, device=device).index_add_(0, owner, cos)
+        reduced = reduced / counts.clamp_min(1)
+    else:
+        reduced = torch.full((n,), -torch.inf, dtype=cos.dtype, device=device)
+        reduced = reduced.scatter_reduce(0, owner, cos, reduce="amax")
+    unscored = torch.tensor([not cs for cs in chunks], dtype=torch.bool).to(device)
+    scores = torch.where(unscored, torch.nan, 100.0 * reduced.clamp_min(0))
+    return scores, chunks, flagged, ctx
 
 
 def token_count(tokenizer: Callable[..., torch.Tensor], text: str, pad_id: int = 0) -> int:
@@ -173,15 +238,19 @@ def _image_embeddings(
     model: ClipLike,
     preprocess: Callable[[Image.Image], torch.Tensor] | None,
     batch_size: int,
-    device: torch.device,
 ) -> torch.Tensor:
+    """L2-normalised float32 image embeddings on the model's device."""
     if isinstance(images, torch.Tensor):
         pixels = images
     else:
         if preprocess is None:
             raise ValueError("preprocess is needed for PIL images")
         pixels = torch.stack([preprocess(im.convert("RGB")) for im in images])
-    out = [model.encode_image(b.to(device)).float() for b in pixels.split(batch_size)]
+    device, dtype = _placement(model)
+    out = [
+        model.encode_image(b.to(device, dtype=dtype, non_blocking=True)).float()
+        for b in pixels.split(batch_size)
+    ]
     return F.normalize(torch.cat(out), dim=-1)
 
 
@@ -192,15 +261,23 @@ def _text_embeddings(
     tokenizer: Callable[..., torch.Tensor],
     ctx: int,
     batch_size: int,
-    device: torch.device,
 ) -> torch.Tensor:
+    """L2-normalised float32 text embeddings on the model's device."""
+    device, _ = _placement(model)
     if not texts:
-        return torch.zeros(0, 1)
+        return torch.zeros(0, 1, device=device)
     out = []
     for start in range(0, len(texts), batch_size):
         ids = tokenizer(texts[start : start + batch_size], context_length=ctx)
-        out.append(model.encode_text(ids.to(device)).float())
+        out.append(model.encode_text(ids.to(device, non_blocking=True)).float())
     return F.normalize(torch.cat(out), dim=-1)
+
+
+def _placement(model: Any) -> tuple[torch.device, torch.dtype]:
+    """Device and weight dtype of a model (CPU/float32 for an object without weights)."""
+    if isinstance(model, torch.nn.Module):
+        return module_device(model), module_dtype(model)
+    return torch.device("cpu"), torch.float32
 
 
 # --------------------------------------------------------------------------- feature extractors
@@ -209,9 +286,10 @@ def _text_embeddings(
 class ClipImageFeatures(torch.nn.Module):
     """CLIP image tower as a FID/KID feature extractor.
 
-    Takes uint8 [B,3,H,W] in [0,255] (torchmetrics' convention) or float in [0,1], resizes
-    to the tower's input size and normalises with CLIP's mean/std inside, so no
-    torchvision transform has to travel with it.
+    Takes uint8 [B,3,H,W] in [0,255] (torchmetrics' convention) or float in [0,1] on any
+    device, moves it to the tower's device, resizes to the tower's input size and
+    normalises with CLIP's mean/std there, so no torchvision transform has to travel
+    with it.
     """
 
     def __init__(
@@ -226,15 +304,19 @@ class ClipImageFeatures(torch.nn.Module):
         self.model = model
         self.image_size = int(image_size)
         self.name = name
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        device, _ = _placement(model)
+        self.register_buffer("mean", torch.tensor(mean, device=device).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor(std, device=device).view(1, 3, 1, 1), False)
         with torch.no_grad():  # torchmetrics reads num_features instead of probing at 299 px
             probe = torch.zeros(1, 3, self.image_size, self.image_size, dtype=torch.uint8)
             self.num_features = int(self.forward(probe).shape[-1])
 
     @torch.no_grad()
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        x = imgs.float() / 255.0 if imgs.dtype == torch.uint8 else imgs.float()
+        # the tower's placement, read on every call: the model may have moved on its own
+        device, dtype = _placement(self.model)
+        x = imgs.to(device, non_blocking=True)
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(
                 x,
@@ -243,9 +325,8 @@ class ClipImageFeatures(torch.nn.Module):
                 align_corners=False,
                 antialias=True,
             ).clamp(0, 1)
-        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
-        dtype = next(self.model.parameters()).dtype if hasattr(self.model, "parameters") else None
-        return self.model.encode_image(x.to(dtype) if dtype else x).float()
+        x = (x - self.mean.to(device)) / self.std.to(device)
+        return self.model.encode_image(x.to(dtype)).float()
 
 
 class _InceptionFeatures(torch.nn.Module):
@@ -350,11 +431,22 @@ def extract_features(
     images: ImagesLike,
     feature: torch.nn.Module,
     batch_size: int = 64,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> torch.Tensor:
+    """Features [N, D] (float64) on the extractor's device; no host copy.
+
+    ``device``: move the extractor there first (e.g. a CPU-loaded Inception onto the GPU);
+    None runs it where its weights already are (a CLIP tower shared with other code must
+    not be moved behind that code's back).
+    """
     pixels = to_uint8_tensor(images)
-    feature = feature.to(device).eval()
-    out = [feature(b.to(device)).double().cpu() for b in pixels.split(batch_size)]
+    if device is not None:
+        feature = feature.to(device)
+    feature = feature.eval()
+    dev = module_device(feature)
+    out = [feature(b.to(dev, non_blocking=True)).double() for b in pixels.split(batch_size)]
+    if not out:
+        return torch.zeros(0, int(getattr(feature, "num_features", 0)), dtype=torch.float64)
     return torch.cat(out)
 
 
@@ -376,17 +468,19 @@ def distribution_metrics(
     kid_subsets: int = 100,
     seed: int = 0,
     batch_size: int = 64,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> DistributionMetrics:
     """FID and KID of `fake` against `real` with one feature extractor (features computed once).
 
     KID subsets are drawn with a fixed `seed` so the same inputs give the same numbers.
+    Features are extracted on the extractor's device (``device`` moves it, see
+    `extract_features`); torchmetrics then runs on the host in float64.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    f_real = extract_features(real, feature, batch_size, device)
-    f_fake = extract_features(fake, feature, batch_size, device)
+    f_real = extract_features(real, feature, batch_size, device).cpu()
+    f_fake = extract_features(fake, feature, batch_size, device).cpu()
     n_real, n_fake, dims = len(f_real), len(f_fake), f_real.shape[1]
     if min(n_real, n_fake) < 2:
         raise ValueError("FID needs at least 2 samples per set")

@@ -63,14 +63,20 @@ def load_whisper_encoder(
     bucket_s: float = 1.0,
     batch_size: int = 8,
 ) -> WhisperEncoder:
-    """Load a faster-whisper model directory for its encoder only (fully offline)."""
+    """Load a faster-whisper model directory for its encoder only (fully offline).
+
+    ``device``: "cpu", "cuda" or "cuda:N". ``compute_type`` "default" keeps the weights'
+    own type where the device supports it (the shipped tiny.en: float16 on CUDA, float32
+    on CPU).
+    """
     from faster_whisper import WhisperModel
 
     model_dir = str(model_dir) if model_dir is not None else default_model_dir()
-    device = str(device).split(":")[0]  # ctranslate2 takes 'cuda', the index separately
+    kind, _, index = str(device).partition(":")  # ctranslate2 takes the index separately
     model = WhisperModel(
         model_dir,
-        device=device,
+        device=kind,
+        device_index=int(index or 0),
         compute_type=compute_type,
         cpu_threads=cpu_threads,
         local_files_only=True,

@@ -83,11 +83,20 @@ class UnifiedProjector:
                 raise ValueError(f"{modality} vectors must have dim {self.config.clip_dim}")
             return _l2(x)
         if modality in AUDIO_MODALITIES:
-            self.audio_head.eval()
-            with torch.inference_mode():
-                out = self.audio_head(torch.from_numpy(x).to(self.device))
-            return out.float().cpu().numpy()
+            return self.project_tensor(modality, torch.from_numpy(x)).cpu().numpy()
         raise ValueError(f"unknown modality {modality!r}")
+
+    def project_tensor(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        """The same on tensors: [n, dim] from any device -> float32 on the head's device."""
+        if modality in IDENTITY_MODALITIES:
+            if x.shape[-1] != self.config.clip_dim:
+                raise ValueError(f"{modality} vectors must have dim {self.config.clip_dim}")
+            return F.normalize(x.to(self.device).float(), dim=-1)
+        if modality not in AUDIO_MODALITIES:
+            raise ValueError(f"unknown modality {modality!r}")
+        self.audio_head.eval()
+        with torch.inference_mode():
+            return self.audio_head(x.to(self.device, torch.float32, non_blocking=True)).float()
 
 
 def _l2(x: np.ndarray) -> np.ndarray:
@@ -205,8 +214,9 @@ def _heldout_metrics(projector, a, t, idx, prefix) -> dict[str, float]:
 
 def _fit_standardiser(head: AudioHead, a: np.ndarray) -> None:
     x = torch.from_numpy(a)
-    head.in_mean.copy_(x.mean(0))
-    head.in_std.copy_(x.std(0).clamp_min(1e-4) if len(x) > 1 else torch.ones(x.shape[1]))
+    std = x.std(0).clamp_min(1e-4) if len(x) > 1 else torch.ones(x.shape[1])
+    head.in_mean.copy_(x.mean(0).to(head.in_mean.device))
+    head.in_std.copy_(std.to(head.in_std.device))
 
 
 def _fit(head, a, t, cfg: ProjectorTrainConfig, dev, progress) -> list[tuple[int, float]]:
@@ -216,26 +226,44 @@ def _fit(head, a, t, cfg: ProjectorTrainConfig, dev, progress) -> list[tuple[int
     x_all = torch.from_numpy(a).to(dev)
     y_all = torch.from_numpy(target_id.astype(np.int64)).to(dev)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # indices from a CPU generator: the same batches on every device (reproducible runs)
     gen = torch.Generator().manual_seed(cfg.seed)
-    losses = []
+    logged: list[tuple[int, torch.Tensor]] = []
     head.train()
     for step in range(cfg.steps):
         lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / cfg.steps))
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, len(x_all), (min(cfg.batch_size, len(x_all)),), generator=gen)
-        z = head(x_all[idx.to(dev)])
-        logits = z @ candidates.T / cfg.temperature
-        loss = F.cross_entropy(logits, y_all[idx.to(dev)])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = projector_train_step(head, opt, x_all, y_all, candidates, idx, cfg.temperature)
         if step % 20 == 0 or step == cfg.steps - 1:
-            losses.append((step, loss.item()))
-            if progress is not None:
+            logged.append((step, loss))
+            if progress is not None:  # only a caller that wants live values pays the sync
                 progress(step, loss.item())
     head.eval()
-    return losses
+    values = torch.stack([v for _, v in logged]).tolist() if logged else []
+    return [(step, v) for (step, _), v in zip(logged, values, strict=True)]
+
+
+def projector_train_step(
+    head: AudioHead,
+    opt: torch.optim.Optimizer,
+    x_all: torch.Tensor,
+    y_all: torch.Tensor,
+    candidates: torch.Tensor,
+    idx: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """One InfoNCE step on rows `idx` (any device); returns the detached loss on the
+    head's device (reading it is the caller's choice: it costs a device sync)."""
+    idx = idx.to(x_all.device, non_blocking=True)
+    z = head(x_all[idx])
+    logits = z @ candidates.T / temperature
+    loss = F.cross_entropy(logits, y_all[idx])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
 
 
 def save_projector(projector: UnifiedProjector, folder: str | Path) -> str:

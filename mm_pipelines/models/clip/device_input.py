@@ -1,0 +1,288 @@
+"""CLIP image input prepared where the model runs: JPEG decoding in batches (nvJPEG through
+torchvision on CUDA), open_clip's eval transform as tensor ops, and the CPU fallbacks.
+
+Why: on a GPU, PIL decode + resize in worker processes fed ~750 images/s to a model that
+takes ~8,300 (issue 17, H200, ViT-B-32), and the workers shipped float32 tensors between
+processes. Here a worker only reads a JPEG's bytes, or decodes what nvJPEG is not given
+(PNG, WebP, in-memory images, truncated JPEGs) to uint8; decoding, resizing and
+normalising happen on the model's device. The same code runs on the CPU with
+torchvision's libjpeg-turbo decoder, which is how the tests pin it to open_clip's PIL
+transform without a GPU.
+
+Failures: a batch nvJPEG rejects is decoded again file by file; a file that still fails
+goes to PIL (`open_image`, the CPU path's decoder), and a file PIL rejects becomes the
+per-file error record with PIL's message, exactly as on the CPU path. One bad file never
+fails the batch.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+JPEG_SOI = b"\xff\xd8\xff"
+JPEG_EOI = b"\xff\xd9"
+# decoded full-size images held at once per decode call (a 12 MP photo is 36 MB as uint8)
+DECODE_CHUNK = 32
+# pixels per resize call: bounds the float32 copy of large photos (2**26 px = 768 MB RGB)
+RESIZE_PIXELS = 1 << 26
+
+RawItem = tuple[int, str, torch.Tensor | None, str]  # (index, kind, payload, error)
+
+
+# ----------------------------------------------------------------------------- transform
+
+
+@dataclass(frozen=True)
+class DevicePreprocess:
+    """open_clip's eval transform (Resize(shortest side) -> CenterCrop -> ToTensor ->
+    Normalize) on uint8 [3, H, W] tensors, on whatever device they are.
+
+    The resize is PyTorch's antialiased bicubic/bilinear, which uses PIL's kernels
+    (a = -0.5 for bicubic), rounded back to uint8 as PIL's output is; output sizes and
+    crop offsets follow torchvision's rules for PIL images.
+    """
+
+    size: int
+    crop: int
+    interpolation: str  # "bicubic" | "bilinear"
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_transform(cls, transform: Callable) -> DevicePreprocess | None:
+        """Read open_clip's eval Compose; None for any other transform (PIL path then)."""
+        from torchvision import transforms as T
+
+        steps = list(getattr(transform, "transforms", []))
+        if len(steps) < 4:
+            return None
+        resize, crop, *rest = steps
+        normalize = rest[-1]
+        middle = rest[:-1]
+        if not (isinstance(resize, T.Resize) and isinstance(crop, T.CenterCrop)):
+            return None
+        if not isinstance(normalize, T.Normalize) or resize.max_size is not None:
+            return None
+        if not all(_is_rgb_or_to_tensor(step) for step in middle):
+            return None
+        size = resize.size if isinstance(resize.size, int) else list(resize.size)
+        if isinstance(size, list):
+            if len(size) != 1:
+                return None
+            size = size[0]
+        crop_h, crop_w = crop.size
+        modes = {T.InterpolationMode.BICUBIC: "bicubic", T.InterpolationMode.BILINEAR: "bilinear"}
+        if crop_h != crop_w or crop_h > size or resize.interpolation not in modes:
+            return None
+        return cls(
+            size=int(size),
+            crop=int(crop_h),
+            interpolation=modes[resize.interpolation],
+            mean=tuple(float(m) for m in normalize.mean),
+            std=tuple(float(s) for s in normalize.std),
+        )
+
+    def resized_hw(self, height: int, width: int) -> tuple[int, int]:
+        """torchvision's Resize(int) output size: shorter side -> size, longer truncated."""
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(self.size * long / short)
+        return (new_long, self.size) if width <= height else (self.size, new_long)
+
+    def __call__(self, images: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """uint8 [3, H, W] images (any sizes, one device) -> normalised [N, 3, crop, crop]."""
+        if not images:
+            raise ValueError("no images to preprocess")
+        device = images[0].device
+        out = torch.empty((len(images), 3, self.crop, self.crop), dtype=dtype, device=device)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(tuple(image.shape[-2:]), []).append(i)
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        for (h, w), idx in groups.items():
+            step = max(1, RESIZE_PIXELS // (h * w))
+            for k in range(0, len(idx), step):
+                part = idx[k : k + step]
+                x = torch.stack([images[i] for i in part]).float()
+                x = self._resize_crop(x, h, w) / 255.0
+                where = torch.tensor(part, dtype=torch.long).to(device)
+                out[where] = ((x - mean) / std).to(dtype)
+        return out
+
+    def _resize_crop(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        new_h, new_w = self.resized_hw(h, w)
+        # PIL resizes in two passes, width first, each rounded to uint8; doing the same
+        # brings the mean difference to PIL from 0.15 to 1e-4 uint8 levels (max 1)
+        if new_w != w:
+            x = self._interpolate(x, (h, new_w))
+        if new_h != h:
+            x = self._interpolate(x, (new_h, new_w))
+        top = int(round((new_h - self.crop) / 2.0))
+        left = int(round((new_w - self.crop) / 2.0))
+        return x[..., top : top + self.crop, left : left + self.crop]
+
+    def _interpolate(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        x = F.interpolate(
+            x, size=size, mode=self.interpolation, align_corners=False, antialias=True
+        )
+        return x.round_().clamp_(0, 255)
+
+
+def _is_rgb_or_to_tensor(step: Callable) -> bool:
+    """open_clip's RGB conversion (a function or MaybeConvertMode) or ToTensor."""
+    from torchvision import transforms as T
+
+    name = getattr(step, "__name__", type(step).__name__)
+    return isinstance(step, T.ToTensor) or name in ("_convert_to_rgb", "MaybeConvertMode")
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def read_jpeg(source: object) -> bytes | None:
+    """The bytes of a complete JPEG (start and end markers present); None for anything
+    else, which PIL then decodes: a truncated JPEG must fail the way it fails on CPU,
+    and nvJPEG would decode it into a half-grey image instead."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+    elif isinstance(source, str | os.PathLike):
+        with open(source, "rb") as f:
+            head = f.read(len(JPEG_SOI))
+            if head != JPEG_SOI:
+                return None
+            data = head + f.read()
+    else:
+        return None
+    # entropy-coded data stuffs every 0xFF, so FF D9 near the end is the real end marker
+    if data.startswith(JPEG_SOI) and JPEG_EOI in data[-32:]:
+        return data
+    return None
+
+
+def pil_pixels(source: object) -> torch.Tensor:
+    """PIL decode (the CPU path's `open_image`, full size) -> uint8 [3, H, W]."""
+    from mm_pipelines.models.clip.encode import open_image
+
+    array = np.array(open_image(source))  # type: ignore[arg-type]  # writable copy
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class RawImages(Dataset):
+    """Worker side: a JPEG's bytes as they are, anything else decoded to uint8 by PIL.
+
+    Only uint8 crosses the process boundary (bytes, or pixels at a quarter of float32's
+    size); a source PIL cannot read comes back as its error message.
+    """
+
+    def __init__(self, sources: Sequence[object], jpeg_on_device: bool = True) -> None:
+        self.sources = sources
+        self.jpeg_on_device = jpeg_on_device
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> RawItem:
+        source = self.sources[i]
+        try:
+            data = read_jpeg(source) if self.jpeg_on_device else None
+        except OSError:
+            data = None  # unreadable: PIL below reports it as the CPU path does
+        if data is not None:
+            return i, "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), ""
+        try:
+            return i, "pixels", pil_pixels(source), ""
+        except Exception as exc:  # noqa: BLE001 - any decode failure is a per-item status
+            return i, "error", None, f"{type(exc).__name__}: {exc}"
+
+
+def collate_raw(batch: list[RawItem]) -> list[RawItem]:
+    return batch
+
+
+# ----------------------------------------------------------------------------- main side
+
+
+@dataclass
+class PreparedBatch:
+    """One batch ready for the model: pixels on its device, in `indices` order."""
+
+    indices: list[int]
+    pixels: torch.Tensor | None
+    errors: dict[int, str]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """JPEG bytes -> uint8 RGB [3, H, W] on `device` (nvJPEG on CUDA, libjpeg-turbo
+    otherwise) in one call; when the batch call fails, file by file, None where a file
+    fails alone."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    where = device if device.type == "cuda" else torch.device("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points at torchcodec
+        try:
+            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=where))
+        except RuntimeError:
+            pass
+        out: list[torch.Tensor | None] = []
+        for one in data:
+            try:
+                out.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=where))
+            except RuntimeError:
+                out.append(None)
+        return out
+
+
+def prepare_batch(
+    raw: list[RawItem],
+    sources: Sequence[object],
+    preprocess: DevicePreprocess,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> PreparedBatch:
+    """Decode the batch's JPEGs on `device` (CPU fallback per file), move the worker-decoded
+    pixels there, resize and normalise; failures become per-index errors."""
+    errors = {i: err for i, kind, _, err in raw if kind == "error"}
+    jpegs = [(i, payload) for i, kind, payload, _ in raw if kind == "jpeg"]
+    pixels: dict[int, torch.Tensor] = {
+        i: payload.to(device, non_blocking=True)
+        for i, kind, payload, _ in raw
+        if kind == "pixels" and payload is not None
+    }
+    counts = {"device_decoded": 0, "cpu_fallback": 0}
+    for k in range(0, len(jpegs), DECODE_CHUNK):
+        chunk = jpegs[k : k + DECODE_CHUNK]
+        decoded = decode_jpegs([payload for _, payload in chunk], device)
+        for (i, _), image in zip(chunk, decoded, strict=True):
+            if image is not None:
+                pixels[i] = image.to(device, non_blocking=True)
+                counts["device_decoded"] += 1
+                continue
+            counts["cpu_fallback"] += 1
+            try:  # the CPU path's decoder, with the source as the CPU path opens it
+                pixels[i] = pil_pixels(sources[i]).to(device, non_blocking=True)
+            except Exception as exc:  # noqa: BLE001 - any decode failure is a per-item status
+                errors[i] = f"{type(exc).__name__}: {exc}"
+        # shrink this chunk to model input size now: full-size images are the big ones
+        ready = sorted(i for i, _ in chunk if i in pixels)
+        if ready:
+            small = preprocess([pixels[i] for i in ready], dtype)
+            pixels.update({i: small[n] for n, i in enumerate(ready)})
+    indices = sorted(pixels)
+    if not indices:
+        return PreparedBatch([], None, errors, counts)
+    done = {i for i, _ in jpegs}  # JPEGs were resized chunk by chunk above
+    rest = [i for i in indices if i not in done]
+    if rest:
+        small = preprocess([pixels[i] for i in rest], dtype)
+        pixels.update({i: small[n] for n, i in enumerate(rest)})
+    return PreparedBatch(indices, torch.stack([pixels[i] for i in indices]), errors, counts)
