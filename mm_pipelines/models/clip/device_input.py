@@ -133,7 +133,7 @@ class DevicePreprocess:
         x = F.interpolate(
             x, size=size, mode=self.interpolation, align_corners=False, antialias=True
         )
-        return x.round_().clamp_(0, 255)
+        return x.add_(0.5).floor_().clamp_(0, 255)  # PIL rounds halves up, not to even
 
 
 def _is_rgb_or_to_tensor(step: Callable) -> bool:
@@ -248,9 +248,11 @@ def prepare_batch(
     preprocess: DevicePreprocess,
     device: torch.device,
     dtype: torch.dtype,
+    decoder: Callable[[list[torch.Tensor], torch.device], list] = decode_jpegs,
 ) -> PreparedBatch:
     """Decode the batch's JPEGs on `device` (CPU fallback per file), move the worker-decoded
-    pixels there, resize and normalise; failures become per-index errors."""
+    pixels there, resize and normalise; failures become per-index errors. ``decoder``:
+    `decode_jpegs` (a stand-in lets the tests reproduce nvJPEG's refusals on a CPU)."""
     errors = {i: err for i, kind, _, err in raw if kind == "error"}
     jpegs = [(i, payload) for i, kind, payload, _ in raw if kind == "jpeg"]
     pixels: dict[int, torch.Tensor] = {
@@ -261,7 +263,7 @@ def prepare_batch(
     counts = {"device_decoded": 0, "cpu_fallback": 0}
     for k in range(0, len(jpegs), DECODE_CHUNK):
         chunk = jpegs[k : k + DECODE_CHUNK]
-        decoded = decode_jpegs([payload for _, payload in chunk], device)
+        decoded = decoder([payload for _, payload in chunk], device)
         for (i, _), image in zip(chunk, decoded, strict=True):
             if image is not None:
                 pixels[i] = image.to(device, non_blocking=True)

@@ -1,0 +1,207 @@
+"""CLIP image input on the model's device (models.clip.device_input), checked on the CPU
+with the same code the GPU runs: only the JPEG decoder differs there (nvJPEG instead of
+libjpeg-turbo; how close nvJPEG is gets measured by benchmarks/gpu_check.py).
+
+Stated tolerances: the device transform is within 2 uint8 levels of open_clip's PIL
+transform at any pixel and 0.01 levels on average (measured: max 2 at single pixels,
+mean <= 0.005), and its vectors are within 1e-4 cosine distance of the CPU path's (which
+decodes JPEGs with PIL's draft mode; measured <= 5e-5 with a random ViT-B-32).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from mm_pipelines.models.clip.device_input import (
+    DevicePreprocess,
+    RawImages,
+    decode_jpegs,
+    pil_pixels,
+    prepare_batch,
+)
+from mm_pipelines.models.clip.encode import encode_images, open_image
+from mm_pipelines.models.clip.loading import TINY_ARCH, ClipBundle, load_clip
+from mm_pipelines.models.common import encode_image
+from mm_pipelines.storage.media_store import LocalMediaStore, sha256_bytes
+
+COSINE_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def bundle() -> ClipBundle:
+    return load_clip(TINY_ARCH, None, device="cpu")
+
+
+def _photo(seed: int, width: int, height: int) -> Image.Image:
+    """Smooth colour fields plus grain: photo-like content that resizing can get wrong."""
+    rng = np.random.default_rng(seed)
+    low = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8))
+    base = np.asarray(low.resize((width, height), Image.Resampling.BICUBIC), np.float32)
+    pixels = base + rng.normal(0, 10, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def _write(folder: Path, name: str, image: Image.Image, **kwargs) -> str:
+    path = folder / name
+    image.save(path, **kwargs)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Landscape and portrait JPEGs (one progressive, one CMYK), a PNG, a tiny image that
+    is upscaled, and one already at the model's input size."""
+    d = tmp_path_factory.mktemp("photos")
+    return [
+        _write(d, "land.jpg", _photo(0, 320, 240), quality=90),
+        _write(d, "port.jpg", _photo(1, 180, 300), quality=85, progressive=True),
+        _write(d, "cmyk.jpg", _photo(2, 200, 150).convert("CMYK"), quality=90),
+        _write(d, "shot.png", _photo(3, 150, 100)),
+        _write(d, "tiny.jpg", _photo(4, 20, 28), quality=95),
+        _write(d, "exact.png", _photo(5, 32, 32)),
+    ]
+
+
+@pytest.mark.parametrize(
+    "size,interpolation", [(224, "bicubic"), (32, "bicubic"), (64, "bilinear")]
+)
+def test_device_transform_matches_open_clips_pil_transform(
+    files: list[str], size: int, interpolation: str
+) -> None:
+    transform = open_clip.image_transform(size, is_train=False, interpolation=interpolation)
+    device_transform = DevicePreprocess.from_transform(transform)
+    assert device_transform is not None and device_transform.interpolation == interpolation
+    to_levels = torch.tensor(device_transform.std).view(3, 1, 1) * 255
+    for source in files:
+        expected = transform(open_image(source))
+        got = device_transform([pil_pixels(source)], torch.float32)[0]
+        assert got.shape == expected.shape
+        levels = (got - expected).abs() * to_levels  # in uint8 steps of the resized image
+        assert float(levels.max()) <= 2 + 1e-3, source
+        assert float(levels.mean()) <= 0.01, source
+
+
+def test_other_transforms_are_left_to_pil() -> None:
+    longest = open_clip.image_transform(64, is_train=False, resize_mode="longest")
+    assert DevicePreprocess.from_transform(longest) is None
+    assert DevicePreprocess.from_transform(lambda image: image) is None
+
+
+def _store_frames(root: Path, n: int) -> list[Path]:
+    """Video frames as the understand stage stores them: JPEG bytes in the media store,
+    content-addressed paths without a suffix."""
+    store = LocalMediaStore(root)
+    paths = []
+    for i in range(n):
+        data = encode_image(np.asarray(_photo(10 + i, 320, 180)), "jpeg", quality=90)
+        content_hash = sha256_bytes(data)
+        tmp = root / f"frame{i}.jpg"
+        tmp.write_bytes(data)
+        store.put_file(tmp, content_hash)
+        paths.append(store.local_path(content_hash))
+    return paths
+
+
+def _max_cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
+    return float((1 - (a * b).sum(axis=1)).max())
+
+
+def test_device_path_vectors_match_the_cpu_path(
+    bundle: ClipBundle, files: list[str], tmp_path: Path
+) -> None:
+    frames = _store_frames(tmp_path / "media", 3)
+    sources = [*files, *frames, _photo(6, 64, 48)]  # files, stored frames, an in-memory image
+    on_device = encode_images(bundle, sources, batch_size=4, num_workers=0, decode="device")
+    on_cpu = encode_images(bundle, sources, batch_size=4, num_workers=0, decode="pil")
+    assert on_device.indices == on_cpu.indices == list(range(len(sources)))
+    assert on_device.errors == on_cpu.errors == {}
+    assert _max_cosine_distance(on_device.vectors, on_cpu.vectors) <= COSINE_TOLERANCE
+    jpegs = sum(1 for s in sources[:-1] if Path(s).read_bytes()[:2] == b"\xff\xd8")
+    assert on_device.stats["device_decoded"] == jpegs  # the frames included
+    assert on_device.stats["decode_on_device"] == 1.0 and on_cpu.stats["decode_on_device"] == 0.0
+
+
+def test_auto_keeps_the_pil_path_on_cpu(bundle: ClipBundle, files: list[str]) -> None:
+    result = encode_images(bundle, files[:2], num_workers=0)
+    assert result.stats["decode_on_device"] == 0.0
+
+
+def _bad_sources(folder: Path, good: str) -> list[object]:
+    data = Path(good).read_bytes()
+    (folder / "cut.jpg").write_bytes(data[: len(data) // 2])  # truncated: no end marker
+    (folder / "junk.jpg").write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 2 + b"\xff\xd9")
+    (folder / "notes.txt").write_text("not an image")
+    png = io.BytesIO()
+    _photo(7, 40, 30).save(png, format="PNG")
+    (folder / "cut.png").write_bytes(png.getvalue()[:-40])
+    return [
+        good,
+        str(folder / "junk.jpg"),  # markers intact: the JPEG decoder rejects it, then PIL
+        str(folder / "cut.jpg"),
+        str(folder / "missing.jpg"),
+        str(folder / "notes.txt"),
+        str(folder / "cut.png"),
+        b"\xff\xd8\xff\xe0 garbage bytes \xff\xd9",
+        data,  # the good JPEG again, as bytes
+    ]
+
+
+def test_bad_files_fail_alone_with_the_cpu_paths_errors(
+    bundle: ClipBundle, files: list[str], tmp_path: Path
+) -> None:
+    sources = _bad_sources(tmp_path, files[0])
+    # one batch holds good and bad JPEGs; a worker process hands over bytes and uint8 pixels
+    on_device = encode_images(bundle, sources, batch_size=8, num_workers=1, decode="device")
+    on_cpu = encode_images(bundle, sources, batch_size=8, num_workers=0, decode="pil")
+    assert on_device.indices == on_cpu.indices == [0, 7]
+    assert on_device.errors == on_cpu.errors
+    assert set(on_device.errors) == {1, 2, 3, 4, 5, 6}
+    assert "missing.jpg" in on_device.errors[3] and "truncated" in on_device.errors[2]
+    assert _max_cosine_distance(on_device.vectors, on_cpu.vectors) <= COSINE_TOLERANCE
+    assert on_device.stats["cpu_fallback"] == 2  # junk.jpg and the garbage bytes
+
+
+def test_workers_hand_over_jpeg_bytes_and_uint8_pixels(files: list[str]) -> None:
+    raw = RawImages([files[0], files[3]])
+    index, kind, payload, error = raw[0]
+    assert (index, kind, error) == (0, "jpeg", "")
+    assert payload.dtype == torch.uint8 and payload.numpy().tobytes() == Path(files[0]).read_bytes()
+    index, kind, payload, error = raw[1]
+    assert kind == "pixels" and payload.dtype == torch.uint8 and payload.shape == (3, 100, 150)
+
+
+def test_a_jpeg_the_gpu_decoder_refuses_is_decoded_by_pil(
+    bundle: ClipBundle, files: list[str]
+) -> None:
+    """nvJPEG refuses some JPEGs PIL reads (e.g. some CMYK/arithmetic-coded files); a
+    stand-in for it that refuses the CMYK file sends that one file to PIL."""
+    cmyk = files[2]
+
+    def refuses_cmyk(data: list[torch.Tensor], device: torch.device) -> list:
+        decoded = decode_jpegs(data, device)
+        return [
+            None if d.numpy().tobytes() == Path(cmyk).read_bytes() else out
+            for d, out in zip(data, decoded, strict=True)
+        ]
+
+    transform = DevicePreprocess.from_transform(bundle.preprocess)
+    raw = RawImages(files[:3])
+    batch = prepare_batch(
+        [raw[i] for i in range(3)],
+        files[:3],
+        transform,
+        torch.device("cpu"),
+        torch.float32,
+        decoder=refuses_cmyk,
+    )
+    assert batch.indices == [0, 1, 2] and batch.errors == {}
+    assert batch.counts == {"device_decoded": 2, "cpu_fallback": 1}
+    expected = transform([pil_pixels(cmyk)], torch.float32)[0]
+    torch.testing.assert_close(batch.pixels[2], expected)
