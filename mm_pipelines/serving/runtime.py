@@ -13,6 +13,7 @@ serialised by a lock per loaded bundle.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -28,7 +29,6 @@ import torch
 from PIL import Image
 
 from mm_pipelines.serving.manifest import BundleIntegrityError, read_manifest, verify_bundle
-from mm_pipelines.storage.vectors import COLUMNS
 
 SAMPLE_RATE = 16_000
 MODELS_FILE = "models.json"  # the manifest's models section, written before it
@@ -363,14 +363,19 @@ def _has_projector(conn: Any, version: str) -> bool:
     return bool(row[0])
 
 
-# what a client sees of an index row: everything but the vector and our version bookkeeping
-_HIT_FIELDS = ("score",) + tuple(
-    c for c in COLUMNS if c not in ("encoder_version", "projector_version", "embedding")
-)
+@functools.cache
+def _hit_fields() -> tuple[str, ...]:
+    """What a client sees of an index row: everything but the vector and our version
+    bookkeeping. Imported here, not at module level: loading and verifying a bundle needs
+    no Postgres driver (the export check runs on machines without one)."""
+    from mm_pipelines.storage.vectors import COLUMNS
+
+    hidden = ("encoder_version", "projector_version", "embedding")
+    return ("score",) + tuple(c for c in COLUMNS if c not in hidden)
 
 
 def _public_hit(hit: dict[str, Any]) -> dict[str, Any]:
-    out = {k: hit.get(k) for k in _HIT_FIELDS}
+    out = {k: hit.get(k) for k in _hit_fields()}
     out["score"] = round(float(out["score"]), 6)
     return out
 

@@ -29,8 +29,9 @@ from torch.utils.data import Dataset
 
 JPEG_SOI = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
-# decoded full-size images held at once per decode call (a 12 MP photo is 36 MB as uint8)
-DECODE_CHUNK = 32
+# JPEG bytes per decode call: bounds the full-size images held at once (JPEGs compress
+# ~10x, so ~300 MB decoded; a batch of 640x480 photos is one call, of 12 MP photos a few)
+DECODE_BYTES = 32 << 20
 # pixels per resize call: bounds the float32 copy of large photos (2**26 px = 768 MB RGB)
 RESIZE_PIXELS = 1 << 26
 
@@ -261,8 +262,7 @@ def prepare_batch(
         if kind == "pixels" and payload is not None
     }
     counts = {"device_decoded": 0, "cpu_fallback": 0}
-    for k in range(0, len(jpegs), DECODE_CHUNK):
-        chunk = jpegs[k : k + DECODE_CHUNK]
+    for chunk in _by_bytes(jpegs, DECODE_BYTES):
         decoded = decoder([payload for _, payload in chunk], device)
         for (i, _), image in zip(chunk, decoded, strict=True):
             if image is not None:
@@ -288,3 +288,16 @@ def prepare_batch(
         small = preprocess([pixels[i] for i in rest], dtype)
         pixels.update({i: small[n] for n, i in enumerate(rest)})
     return PreparedBatch(indices, torch.stack([pixels[i] for i in indices]), errors, counts)
+
+
+def _by_bytes(items: list[tuple[int, torch.Tensor]], budget: int) -> list[list]:
+    """Consecutive groups of (index, bytes) whose sizes add up to about `budget` each."""
+    groups: list[list] = [[]]
+    size = 0
+    for item in items:
+        if groups[-1] and size + item[1].numel() > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += item[1].numel()
+    return [g for g in groups if g]

@@ -224,7 +224,9 @@ def _device_batches(
         worker_init_fn=_lower_priority if workers else None,
         collate_fn=collate_raw,
         pin_memory=cuda,  # uint8 pixels from PIL then reach the GPU asynchronously
-        prefetch_factor=4 if workers else None,
+        # 2 batches per worker: many workers on a GPU box, and every batch in flight
+        # sits in shared memory (/dev/shm is small in many containers)
+        prefetch_factor=2 if workers else None,
     )
     side = torch.cuda.Stream(bundle.device) if cuda else None
 
