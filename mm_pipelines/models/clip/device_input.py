@@ -183,9 +183,8 @@ class RawImages(Dataset):
     size); a source PIL cannot read comes back as its error message.
     """
 
-    def __init__(self, sources: Sequence[object], jpeg_on_device: bool = True) -> None:
+    def __init__(self, sources: Sequence[object]) -> None:
         self.sources = sources
-        self.jpeg_on_device = jpeg_on_device
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -193,7 +192,7 @@ class RawImages(Dataset):
     def __getitem__(self, i: int) -> RawItem:
         source = self.sources[i]
         try:
-            data = read_jpeg(source) if self.jpeg_on_device else None
+            data = read_jpeg(source)
         except OSError:
             data = None  # unreadable: PIL below reports it as the CPU path does
         if data is not None:
