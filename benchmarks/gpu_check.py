@@ -929,6 +929,7 @@ def main() -> None:
     parser.add_argument("--whisper-devices", default=None, help="default: DEVICE,cpu")
     parser.add_argument("--speech", default=None, help="speech16k.npz (gpu_wheels.sh)")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--out", default=None, help="also write the JSON here, after each part")
     args = parser.parse_args()
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -958,10 +959,14 @@ def main() -> None:
         result["wall_s"] = round(time.perf_counter() - t0, 2)
         report["parts"][name] = result
         print(f"[gpu_check] {name}: ok={result['ok']} {result['wall_s']} s", file=sys.stderr)
+        if args.out:  # a native crash later (CTranslate2, a driver) keeps what was measured
+            Path(args.out).write_text(json.dumps(report, default=str))
     report["wall_s"] = round(time.perf_counter() - t_all, 1)
     report["failed"] = [k for k, v in report["parts"].items() if not v["ok"]]
     if check.cuda:
         report["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, default=str))
     print(json.dumps(report, default=str))
 
 

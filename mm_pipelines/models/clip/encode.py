@@ -67,7 +67,9 @@ def open_image(source: ImageSource, min_side: int | None = None) -> Image.Image:
 
     ``min_side``: a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps
     both sides >= min_side; the model input is 224 px or less, so decoding a 4000 px
-    photo at full size is wasted work.
+    photo at full size is wasted work. Tolerance 1e-4 cosine distance to the vectors of a
+    full decode; measured max 4.9e-5 (ViT-B-32, random weights, 640x480 photos) and
+    4.8e-5 (the trained tiny CLIP, 256 px frames; 2.6e-5 on the photos).
     """
     if isinstance(source, Image.Image):
         image = source
