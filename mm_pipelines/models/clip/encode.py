@@ -183,16 +183,18 @@ def iter_image_features(
     timings = stats if stats is not None else {}
     timings.update(loader_wait_s=0.0, model_s=0.0, workers=float(workers))
     t_wait = time.perf_counter()
-    with torch.inference_mode():
-        for batch in batches:
-            t_got = time.perf_counter()
-            timings["loader_wait_s"] += t_got - t_wait
-            features = None
-            if batch.pixels is not None:
+    for batch in batches:
+        t_got = time.perf_counter()
+        timings["loader_wait_s"] += t_got - t_wait
+        features = None
+        if batch.pixels is not None:
+            # not around the yield: the caller's code must not run in inference mode
+            with torch.inference_mode():
                 features = encode_image_tensor(bundle, batch.pixels)
-            yield FeatureBatch(batch.indices, features, batch.errors, batch.counts)
-            t_wait = time.perf_counter()
-            timings["model_s"] += t_wait - t_got
+        t_wait = time.perf_counter()
+        timings["model_s"] += t_wait - t_got
+        yield FeatureBatch(batch.indices, features, batch.errors, batch.counts)
+        t_wait = time.perf_counter()
 
 
 def _pil_batches(

@@ -328,7 +328,9 @@ def _load_checkpoint(
             "use a new output_dir or resume=False"
         )
     _restore_adapter(pipeline, ckpt)
-    blob = torch.load(ckpt / "training_state.pt", weights_only=False)
+    # map to the CPU: a checkpoint written on a GPU resumes anywhere (the optimizer moves
+    # its state to the parameters' device; RNG states are CPU tensors anyway)
+    blob = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(blob["optimizer"])
     scaler.load_state_dict(blob["scaler"])
     _set_rng_state(gen, blob["rng"])
