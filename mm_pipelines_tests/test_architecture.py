@@ -75,16 +75,23 @@ def _reads_environment(tree: ast.AST) -> list[int]:
     lines = []
     for node in ast.walk(tree):
         # os.environ / os.getenv / os.putenv, and settings.env(...) used as a back door
-        if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv", "putenv"):
-            if isinstance(node.value, ast.Name) and node.value.id == "os":
-                lines.append(node.lineno)
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr in ("environ", "getenv", "putenv")
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "os"
+        ):
+            lines.append(node.lineno)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             f = node.func
             if f.attr == "env" and isinstance(f.value, ast.Name) and f.value.id == "settings":
                 lines.append(node.lineno)
-        if isinstance(node, ast.ImportFrom) and node.module == "os":
-            if any(a.name in ("environ", "getenv") for a in node.names):
-                lines.append(node.lineno)
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module == "os"
+            and any(a.name in ("environ", "getenv") for a in node.names)
+        ):
+            lines.append(node.lineno)
     return lines
 
 
