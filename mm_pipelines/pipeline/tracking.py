@@ -15,6 +15,10 @@ from mm_pipelines import settings
 from mm_pipelines.pipeline.model_store import Artifact, ModelStore
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server cannot be reached."""
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """How the caller wants a run named and tagged (Dagster adds its run, asset, partition)."""
@@ -40,9 +44,17 @@ class Tracker:
         """Point MLflow at our tracking store; return the experiment id (created if new)."""
         import mlflow
 
-        settings.apply_mlflow_http_defaults()
-        mlflow.set_tracking_uri(self.tracking_uri or settings.mlflow_tracking_uri())
-        existing = mlflow.get_experiment_by_name(self.experiment)
+        settings.apply_mlflow_http_defaults()  # every process that tracks passes here first
+        uri = self.tracking_uri or settings.mlflow_tracking_uri()
+        mlflow.set_tracking_uri(uri)
+        try:
+            existing = mlflow.get_experiment_by_name(self.experiment)
+        except mlflow.exceptions.MlflowException as err:
+            if "failed with exception" not in str(err):  # MLflow's words for a failed request
+                raise
+            raise TrackingUnavailable(
+                f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: {err}"
+            ) from err
         if existing is not None:
             return existing.experiment_id
         root = self.artifact_root or settings.mlflow_artifact_root()
