@@ -57,8 +57,10 @@ class Tracker:
             ) from err
         if existing is not None:
             return existing.experiment_id
-        root = self.artifact_root or settings.mlflow_artifact_root()
+        root = (self.artifact_root or settings.mlflow_artifact_root()).rstrip("/")
         try:
+            # "mlflow-artifacts:/" + "/name" would name a host ("mlflow-artifacts://name"),
+            # which the tracking server refuses: one slash between root and experiment
             return mlflow.create_experiment(
                 self.experiment, artifact_location=f"{root}/{self.experiment}"
             )
