@@ -145,6 +145,11 @@ def apply_mlflow_http_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+def mlflow_http_settings() -> str:
+    """The retry settings MLflow's HTTP client uses in this process, for error messages."""
+    return ", ".join(f"{key}={env(key, 'unset')}" for key in MLFLOW_HTTP_DEFAULTS)
+
+
 # --------------------------------------------------------------------------- models
 
 

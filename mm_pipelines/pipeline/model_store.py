@@ -322,7 +322,25 @@ class ModelStore:
             )
         if make_current:
             self.set_current(kind, name, version)
+        if not isinstance(self.backend, FolderBackend):
+            self._seed_cache(folder, manifest)  # the writer has the bytes: no download back
         return self.get(kind, name, version)
+
+    def _seed_cache(self, folder: Path, manifest: dict[str, Any]) -> None:
+        """Copy the files just stored into the cache (they hashed to the manifest a moment
+        ago); a file changed since then is simply left out and downloaded on `get`."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for rel, info in manifest["files"].items():
+            blob = self._blob(info)
+            if blob.is_file():
+                continue
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            tmp = blob.with_name(f".{blob.name}.{uuid.uuid4().hex}.tmp")
+            shutil.copyfile(folder / rel, tmp)
+            if sha256_file(tmp) == info["sha256"]:
+                os.replace(tmp, blob)
+            else:
+                tmp.unlink()
 
     def _write_version(
         self, kind: str, name: str, version: str, folder: Path, manifest: dict[str, Any]

@@ -53,7 +53,8 @@ class Tracker:
             if "failed with exception" not in str(err):  # MLflow's words for a failed request
                 raise
             raise TrackingUnavailable(
-                f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: {err}"
+                f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable "
+                f"({settings.mlflow_http_settings()}): {err}"
             ) from err
         if existing is not None:
             return existing.experiment_id
