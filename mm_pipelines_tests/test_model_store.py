@@ -188,3 +188,18 @@ def test_two_processes_filling_one_cache_at_once_both_get_a_whole_verified_folde
         p.name for p in Path(cache).rglob("*") if ".tmp" in p.name or ".incoming" in p.name
     ]
     assert leftovers == []
+
+
+def test_the_media_stores_s3_cache_refuses_a_corrupted_object(s3_env: str, tmp_path: Path) -> None:
+    """Media objects are keyed by their sha256: the S3 store's local cache checks it too."""
+    from mm_pipelines.storage.media_store import MediaIntegrityError, S3MediaStore
+
+    bucket = _new_bucket(s3_env)
+    store = S3MediaStore(_s3_client(s3_env), bucket, "media", tmp_path / "cache")
+    content_hash, _ = store.put_bytes(b"a frame of a video" * 1000)
+    key = store.key(content_hash)
+    store.client.put_object(Bucket=bucket, Key=key, Body=b"a frame of a vidEo" * 1000)
+
+    with pytest.raises(MediaIntegrityError, match=f"expected {content_hash}"):
+        store.local_path(content_hash)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
