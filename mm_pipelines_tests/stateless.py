@@ -313,6 +313,9 @@ class StepRunner:
         shutil.copy(self.shared.config_dir / "dagster.yaml", disk / "dagster_home")
         env = {
             **self.shared.env(),
+            # each step gets its share of the cores, as a pod gets its CPU request: torch's
+            # default (a thread per core in every process) thrashes when steps run side by side
+            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // self.parallel)),
             "MM_HOME": str(disk / "mm"),
             "HOME": str(disk / "home"),
             "TMPDIR": str(disk / "tmp"),

@@ -34,6 +34,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
+from mm_pipelines.cli import DEMO_QUERIES as QUERIES
 from mm_pipelines.pipeline import model_store as ms
 from mm_pipelines.pipeline import registry
 from mm_pipelines_tests.conftest import new_database
@@ -61,11 +62,6 @@ pytestmark = [
     pytest.mark.timeout(4000),
 ]  # minutes normally; hours on a crowded box
 
-QUERIES = [  # the demo's (cli.DEMO_QUERIES)
-    "a red circle on a blue background",
-    "a yellow cross on a black background",
-    "customer support is available every day",
-]
 PARALLEL = 2  # step processes at once (Dagster starts step pods as their inputs are ready)
 
 
@@ -249,6 +245,7 @@ def test_registered_versions_name_the_artifact_they_were_made_from(
         (registry.CLIP_MODEL, ms.CLIP, "demo"),
         (registry.PROJECTOR_MODEL, ms.PROJECTOR, "unified"),
         (registry.DIFFUSION_BASE_MODEL, ms.DIFFUSION_BASE, "demo"),
+        (registry.lora_model_name(SUBJECT), ms.ADAPTER, SUBJECT),
     ):
         tags = client.get_model_version(name, "1").tags
         artifact = store.get(kind, store_name, tags["mm.store_version"])
@@ -262,15 +259,17 @@ def test_mm_serve_with_only_the_shared_services_answers_as_one_process_does(
 ) -> None:
     shared = graph.shared
     online = materialization(shared.instance, "online_model")
-    served = _served_search(shared, tmp_path / "serve", QUERIES)
-    assert {a["bundle_version"] for a in served.values()} == {online["bundle_version"]}
-    reference = _search_in_one_process(shared, tmp_path / "reference", QUERIES)
-    for query in QUERIES:
-        got, want = served[query]["hits"], reference[query]
-        assert [h["content_hash"] for h in got] == [h["content_hash"] for h in want], query
-        for g, w in zip(got, want, strict=True):
-            assert abs(g["score"] - w["score"]) < 1e-3, (query, g, w)
-    top_image = next(h for h in served[QUERIES[0]]["hits"] if h["item_kind"] == "image")
+    asks = [{"query": q, "tenant": "acme", "k": 10} for q in QUERIES]
+    asks.append({**asks[0], "modalities": ["image"]})  # the demo's "top image"
+    served = _served_search(shared, tmp_path / "serve", asks)
+    assert {a["bundle_version"] for a in served} == {online["bundle_version"]}
+    reference = _search_in_one_process(shared, tmp_path / "reference", asks)
+    for ask, got, want in zip(asks, served, reference, strict=True):
+        hits = got["hits"]
+        assert [h["content_hash"] for h in hits] == [h["content_hash"] for h in want], ask
+        for g, w in zip(hits, want, strict=True):
+            assert abs(g["score"] - w["score"]) < 1e-3, (ask, g, w)
+    top_image = next(h for h in served[-1]["hits"] if h["item_kind"] == "image")
     assert (
         "red_circle_on_blue" in top_image["source_uri"]
         or "copy_of_first_photo" in (top_image["source_uri"])
@@ -329,7 +328,7 @@ def _mlflow(shared: Shared) -> Any:
     return mlflow.MlflowClient(tracking_uri=shared.mlflow.url, registry_uri=shared.mlflow.url)
 
 
-def _served_search(shared: Shared, disk: Path, queries: list[str]) -> dict[str, Any]:
+def _served_search(shared: Shared, disk: Path, asks: list[dict[str, Any]]) -> list[Any]:
     """`mm serve` on a new empty disk, configured by the shared environment only."""
     for sub in ("mm", "home", "tmp"):
         (disk / sub).mkdir(parents=True)
@@ -348,22 +347,23 @@ def _served_search(shared: Shared, disk: Path, queries: list[str]) -> dict[str, 
         first = server.stdout.readline() if server.stdout else ""
         assert "listening on " in first, first
         url = first.split("listening on ", 1)[1].split()[0]
-        answers = {}
-        for query in queries:
-            body = json.dumps({"query": query, "tenant": "acme", "k": 5}).encode()
+        answers = []
+        for ask in asks:
             request = urllib.request.Request(
-                f"{url}/v1/search", data=body, headers={"Content-Type": "application/json"}
+                f"{url}/v1/search",
+                data=json.dumps(ask).encode(),
+                headers={"Content-Type": "application/json"},
             )
             with urllib.request.urlopen(request, timeout=300) as response:
-                answers[query] = json.loads(response.read())
+                answers.append(json.loads(response.read()))
         return answers
     finally:
         stop_group(server)
 
 
-def _search_in_one_process(shared: Shared, cache: Path, queries: list[str]) -> dict[str, Any]:
-    """The same search as one process does it: the training-side CLIP and projector from the
-    model store, the catalog's index."""
+def _search_in_one_process(shared: Shared, cache: Path, asks: list[dict[str, Any]]) -> list[Any]:
+    """The same searches as one process makes them: the training-side CLIP and projector
+    from the model store, the catalog's index."""
     from mm_pipelines.pipeline.search import QueryModels, embed_query
     from mm_pipelines.storage import vectors
     from mm_pipelines.storage.postgres import connect
@@ -374,6 +374,14 @@ def _search_in_one_process(shared: Shared, cache: Path, queries: list[str]) -> d
     models = QueryModels.load(
         "mm-tiny-clip", str(clip.path / clip.metadata["weights"]), projector.path
     )
-    filters = vectors.Filters(tenant="acme", projector_version=models.projector.version)
+    answers = []
     with connect(shared.catalog_dsn) as conn:
-        return {q: vectors.search(conn, embed_query(models, q), 5, filters) for q in queries}
+        for ask in asks:
+            filters = vectors.Filters(
+                tenant=ask["tenant"],
+                modalities=ask.get("modalities"),
+                projector_version=models.projector.version,
+            )
+            vector = embed_query(models, ask["query"])
+            answers.append(vectors.search(conn, vector, ask["k"], filters))
+    return answers

@@ -391,7 +391,7 @@ def train_adapter(
             },
         )
         metadata = {k: v for k, v in dataclasses.asdict(record).items() if k not in _LOCAL_FIELDS}
-        store.put(
+        stored = store.put(
             ms.ADAPTER,
             subject.name,
             result.adapter_dir,
@@ -399,6 +399,7 @@ def train_adapter(
             metadata=metadata,
             make_current=True,
         )
+        tracked.link_version(name, record.registered_version, stored)
     record = adapter_record(svc, subject.name)
     return AdapterResult(
         record,

@@ -214,13 +214,24 @@ class TrackedRun:
         path = artifact_path or kind
         self.artifacts(folder, path)  # the files as trained, without the store's manifest
         registered = self.register(
-            path,
-            registered_name,
-            tags={
-                **(tags or {}),
-                "mm.store_uri": artifact.uri,
-                "mm.store_version": artifact.version,
-                "mm.store_digest": artifact.digest,
-            },
+            path, registered_name, tags={**(tags or {}), **store_tags(artifact)}
         )
         return Published(artifact, registered_name, registered)
+
+    def link_version(self, registered_name: str, version: str, artifact: Artifact) -> None:
+        """Tag an already registered version with the store artifact it corresponds to (for a
+        model stored after registering, e.g. one whose store version names the registered)."""
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        for key, value in store_tags(artifact).items():
+            client.set_model_version_tag(registered_name, version, key, value)
+
+
+def store_tags(artifact: Artifact) -> dict[str, str]:
+    """What ties a registered MLflow version to the bytes steps read from the model store."""
+    return {
+        "mm.store_uri": artifact.uri,
+        "mm.store_version": artifact.version,
+        "mm.store_digest": artifact.digest,
+    }
