@@ -169,15 +169,15 @@ class MlflowServer:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
 
     def stop(self) -> None:
-        stop_group(self.proc)
+        stop_group(self.proc, wait_s=3)  # its state dies with the test
 
 
-def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, wait_s: float = 10) -> None:
     """End a process started with start_new_session (its whole group), by its id."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=wait_s)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

@@ -17,7 +17,6 @@ import dagster as dg
 import mlflow  # noqa: F401 - imported here, not inside the timed steps
 import pytest
 
-import mm_pipelines.models.demo.tiny_clip  # noqa: F401 - open_clip: ~20 s to import on a busy box
 from mm_pipelines.defs.embed.assets import clip_model, unified_embeddings
 from mm_pipelines.defs.resources import build_resources
 from mm_pipelines.pipeline import model_store as ms

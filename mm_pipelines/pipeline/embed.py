@@ -369,16 +369,17 @@ def build_clip_model(
     shapes, tracked, published to the model store and registered."""
     import dataclasses
 
-    from mm_pipelines.models.clip.loading import WEIGHTS_FILENAME, load_clip
-    from mm_pipelines.models.demo import tiny_clip
-
     if svc.choice.clip_checkpoint:
         return ClipModelResult(svc.load_clip().model_version, trained_here=False)
-    cfg = dataclasses.replace(
-        tiny_clip.DEMO_TRAIN_CONFIG, steps=steps or tiny_clip.DEMO_TRAIN_CONFIG.steps, seed=seed
-    )
-    store, device = svc.need_models(), svc.compute.torch_device()
+    store = svc.need_models()
+    # the run opens before open_clip and torch load (seconds): MLflow down fails at once
     with store.staging("clip") as work, svc.need_tracker().run(run) as tracked:
+        from mm_pipelines.models.clip.loading import WEIGHTS_FILENAME, load_clip
+        from mm_pipelines.models.demo import tiny_clip
+
+        default = tiny_clip.DEMO_TRAIN_CONFIG
+        cfg = dataclasses.replace(default, steps=steps or default.steps, seed=seed)
+        device = svc.compute.torch_device()
         tracked.params(cfg.to_dict())
 
         def progress(step: int, loss: float) -> None:
