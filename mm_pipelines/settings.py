@@ -102,6 +102,22 @@ def s3_endpoint_url() -> str | None:
     return env("MM_S3_ENDPOINT_URL")
 
 
+# botocore waits 60 s to connect and 60 s per read, 5 times over: a step facing an unreachable
+# S3 endpoint would hang for minutes before saying so. These fail it within seconds instead.
+def s3_connect_timeout() -> float:
+    return float(env("MM_S3_CONNECT_TIMEOUT", "5"))  # type: ignore[arg-type]
+
+
+def s3_read_timeout() -> float:
+    """Seconds without a byte from S3 before an attempt is given up (not a whole transfer)."""
+    return float(env("MM_S3_READ_TIMEOUT", "30"))  # type: ignore[arg-type]
+
+
+def s3_max_attempts() -> int:
+    """Attempts per S3 request, the first one included."""
+    return int(env("MM_S3_MAX_ATTEMPTS", "3"))  # type: ignore[arg-type]
+
+
 def aws_region() -> str:
     return env("AWS_REGION", env("AWS_DEFAULT_REGION", "us-east-1"))  # type: ignore[return-value]
 
@@ -127,6 +143,11 @@ def apply_mlflow_http_defaults() -> None:
     """Shorten MLflow's HTTP retries for this process unless the user set them."""
     for key, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+def mlflow_http_settings() -> str:
+    """The retry settings MLflow's HTTP client uses in this process, for error messages."""
+    return ", ".join(f"{key}={env(key, 'unset')}" for key in MLFLOW_HTTP_DEFAULTS)
 
 
 # --------------------------------------------------------------------------- models

@@ -328,6 +328,8 @@ def test_compose_env_vars_are_ones_something_reads(compose: dict[str, Any]) -> N
         "MM_PG_DSN",
         "MM_S3_BUCKET",
         "MM_S3_ENDPOINT_URL",
+        "MM_S3_MODELS_PREFIX",
+        "MM_SUBJECTS",
         "MLFLOW_TRACKING_URI",
         "MM_LANDING",
     }
@@ -343,6 +345,17 @@ def test_compose_env_vars_are_ones_something_reads(compose: dict[str, Any]) -> N
     text = (INFRA / "docker-compose.yml").read_text()
     bare = [m for m in re.findall(r"(?<!\$)\$\{([^}]*)\}", text) if ":-" not in m]
     assert not bare, bare
+
+
+def test_compose_services_share_no_volume_only_read_only_configuration(
+    compose: dict[str, Any],
+) -> None:
+    """Steps hand each other artifacts through S3 (the model store), never through a disk."""
+    for name in OUR_SERVICES:
+        for volume in compose["services"][name].get("volumes", []):
+            source, _target, mode = volume.split(":")
+            assert source.startswith("./") and mode == "ro", (name, volume)
+            assert (INFRA / source).is_file(), (name, volume)
 
 
 # ---------------------------------------------------------------- Helm values
@@ -591,3 +604,16 @@ def test_the_serving_deployment_runs_mm_serve_with_a_readiness_probe_on_healthz(
     assert not container.image.endswith(":latest")
     env = {e.name for e in container.env}
     assert env <= _env_names_read_by_our_code() | STANDARD_ENV
+
+
+def test_helm_pods_mount_only_configuration_and_get_env_our_code_reads(
+    helm_values: dict[str, Any],
+) -> None:
+    deployment = helm_values["dagster-user-deployments"]["deployments"][0]
+    launcher = helm_values["runLauncher"]["config"]["k8sRunLauncher"]
+    for where in (deployment, launcher):  # the code server; run and step pods
+        assert all(set(v) == {"name", "configMap"} for v in where["volumes"]), where["volumes"]
+        assert all(m["readOnly"] is True for m in where["volumeMounts"])
+    env = {item["name"] for item in deployment["env"]}
+    assert {"MM_S3_MODELS_PREFIX", "MM_SUBJECTS"} <= env
+    assert env <= _env_names_read_by_our_code() | STANDARD_ENV, env - _env_names_read_by_our_code()

@@ -60,3 +60,14 @@ def test_run_is_marked_failed_when_the_asset_raises(tracking):
     (run,) = runs(tracking)
     assert run.info.status == "FAILED"
     assert mlflow.active_run() is None
+
+
+def test_experiments_under_the_servers_artifact_proxy_get_a_hostless_location(tmp_path):
+    """MM_MLFLOW_ARTIFACTS=mlflow-artifacts:/ (upload through the tracking server): the
+    experiment's location must not read as a host ("mlflow-artifacts://name"), which the
+    server refuses."""
+    from mm_pipelines.pipeline.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "mlflow-artifacts:/", "exp")
+    experiment = mlflow.MlflowClient(tracker.tracking_uri).get_experiment(tracker.setup())
+    assert experiment.artifact_location == "mlflow-artifacts:/exp"

@@ -25,6 +25,57 @@ from mm_pipelines.storage.media_store import LocalMediaStore, MediaStore, S3Medi
 from mm_pipelines.storage.postgres import connect, embedded_dsn, ensure_schema
 
 
+class S3(S3Resource):
+    """dagster-aws's S3Resource with connect/read timeouts (it only has `max_attempts`), so a
+    step facing an unreachable endpoint fails within seconds with the endpoint in the error.
+    Defaults come from settings (MM_S3_CONNECT_TIMEOUT, MM_S3_READ_TIMEOUT, MM_S3_MAX_ATTEMPTS)
+    when the code location loads; see storage/s3.py for the same client outside Dagster."""
+
+    connect_timeout: float = Field(default=5.0, description="seconds to connect")
+    read_timeout: float = Field(default=30.0, description="seconds without a byte per attempt")
+
+    def get_client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+        from dagster_aws.utils import construct_boto_client_retry_config
+
+        # what dagster_aws.s3.utils.construct_s3_client builds, plus the timeouts
+        config = construct_boto_client_retry_config(self.max_attempts).merge(
+            Config(connect_timeout=self.connect_timeout, read_timeout=self.read_timeout)
+        )
+        client = (
+            boto3.session.Session(profile_name=self.profile_name)
+            .resource(
+                "s3",
+                region_name=self.region_name,
+                use_ssl=self.use_ssl,
+                verify=self.verify,
+                endpoint_url=self.endpoint_url,
+                aws_access_key_id=self.aws_access_key_id,
+                aws_secret_access_key=self.aws_secret_access_key,
+                aws_session_token=self.aws_session_token,
+                config=config,
+            )
+            .meta.client
+        )
+        if self.use_unsigned_session:
+            from botocore.handlers import disable_signing
+
+            client.meta.events.register("choose-signer.s3.*", disable_signing)
+        return client
+
+
+def s3_from_settings() -> S3:
+    return S3(
+        endpoint_url=settings.s3_endpoint_url(),
+        region_name=settings.aws_region(),
+        # dagster-aws counts retries after the first attempt
+        max_attempts=max(0, settings.s3_max_attempts() - 1),
+        connect_timeout=settings.s3_connect_timeout(),
+        read_timeout=settings.s3_read_timeout(),
+    )
+
+
 class CatalogResource(dg.ConfigurableResource):
     """The catalog database: `dsn` (MM_PG_DSN), else the embedded Postgres in `embedded_dir`."""
 
@@ -118,6 +169,7 @@ class ModelsResource(dg.ConfigurableResource):
     s3_bucket: str | None = Field(default=None, description="model store bucket (MM_S3_BUCKET)")
     s3_prefix: str = "models"
     s3_endpoint_url: str | None = None
+    s3: S3 | None = None  # the deployment's S3 settings; None: defaults for s3_endpoint_url
     clip_architecture: str = Field(default="mm-tiny-clip", description="open_clip model name")
     clip_checkpoint: str = Field(
         default="", description="weights file, 'local-dir:<dir>' or a hub tag; empty: demo model"
@@ -138,9 +190,8 @@ class ModelsResource(dg.ConfigurableResource):
 
     def get_store(self) -> ms.ModelStore:
         if self.s3_bucket:
-            client = S3Resource(
-                endpoint_url=self.s3_endpoint_url, region_name=settings.aws_region()
-            ).get_client()
+            s3 = self.s3 or S3(endpoint_url=self.s3_endpoint_url, region_name=settings.aws_region())
+            client = s3.get_client()
             backend = ms.S3Backend(client, self.s3_bucket, self.s3_prefix)
             return ms.ModelStore(backend, settings.cache_dir() / "models")
         return folder_model_store(self.root())
@@ -233,7 +284,7 @@ def services(
 
 
 def build_resources() -> dict[str, Any]:
-    s3 = S3Resource(endpoint_url=settings.s3_endpoint_url(), region_name=settings.aws_region())
+    s3 = s3_from_settings()
     bucket = settings.s3_bucket()
     resources: dict[str, Any] = {
         "catalog_db": CatalogResource(
@@ -250,6 +301,7 @@ def build_resources() -> dict[str, Any]:
             s3_bucket=bucket,
             s3_prefix=settings.s3_models_prefix(),
             s3_endpoint_url=settings.s3_endpoint_url(),
+            s3=s3,
             **{
                 k: v
                 for k, v in vars(ModelChoice.from_settings()).items()

@@ -7,16 +7,14 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import psycopg
 
-from mm_pipelines.models.clip import encode as clip_encode
-from mm_pipelines.models.clip.loading import ClipBundle
 from mm_pipelines.models.speech import audio_encoder as audio_embed
 from mm_pipelines.models.speech import whisper as speech
-from mm_pipelines.models.unified.projector import UnifiedProjector, mean_text_vectors
 from mm_pipelines.pipeline import model_store as ms
 from mm_pipelines.pipeline import registry
 from mm_pipelines.pipeline.services import DEMO, UNIFIED, Services
@@ -26,6 +24,11 @@ from mm_pipelines.storage.embeddings import EmbeddingRow, Item
 from mm_pipelines.storage.media_store import MediaStore
 from mm_pipelines.storage.postgres import connect
 from mm_pipelines.storage.vectors import to_array
+
+if TYPE_CHECKING:  # torch and open_clip load inside the drivers: every step process imports
+    # this module through the code location, most never run a model (~20 s per start here)
+    from mm_pipelines.models.clip.loading import ClipBundle
+    from mm_pipelines.models.unified.projector import UnifiedProjector
 
 _log = logging.getLogger(__name__)
 CLIP_KINDS = ("image", "video_frame", "caption", "text_doc", "transcript_segment")
@@ -61,6 +64,8 @@ def embed_clip_items(
     progress: Progress | None = None,
 ) -> EncodeStats:
     """Encode the items of CLIP_KINDS that this model has not encoded yet."""
+    from mm_pipelines.models.clip import encode as clip_encode
+
     wanted = [i for i in items if i.item_kind in CLIP_KINDS]
     done = embeddings.encoded_keys(conn, [_done_key(i) for i in wanted], bundle.model_version)
     todo = [i for i in wanted if _done_key(i) not in done]
@@ -253,6 +258,8 @@ def projector_pairs(
         raise ValueError("no (audio, text/frame) pairs: embed batches with speech first")
     targets = np.zeros((len(audio_vecs), bundle.embed_dim), np.float32)
     if texts:
+        from mm_pipelines.models.unified.projector import mean_text_vectors
+
         targets[text_pairs] = mean_text_vectors(bundle, texts)
     for index, vec in frame_pairs:
         targets[index] = vec / np.linalg.norm(vec)
@@ -362,16 +369,17 @@ def build_clip_model(
     shapes, tracked, published to the model store and registered."""
     import dataclasses
 
-    from mm_pipelines.models.clip.loading import WEIGHTS_FILENAME, load_clip
-    from mm_pipelines.models.demo import tiny_clip
-
     if svc.choice.clip_checkpoint:
         return ClipModelResult(svc.load_clip().model_version, trained_here=False)
-    cfg = dataclasses.replace(
-        tiny_clip.DEMO_TRAIN_CONFIG, steps=steps or tiny_clip.DEMO_TRAIN_CONFIG.steps, seed=seed
-    )
-    store, device = svc.need_models(), svc.compute.torch_device()
+    store = svc.need_models()
+    # the run opens before open_clip and torch load (seconds): MLflow down fails at once
     with store.staging("clip") as work, svc.need_tracker().run(run) as tracked:
+        from mm_pipelines.models.clip.loading import WEIGHTS_FILENAME, load_clip
+        from mm_pipelines.models.demo import tiny_clip
+
+        default = tiny_clip.DEMO_TRAIN_CONFIG
+        cfg = dataclasses.replace(default, steps=steps or default.steps, seed=seed)
+        device = svc.compute.torch_device()
         tracked.params(cfg.to_dict())
 
         def progress(step: int, loss: float) -> None:

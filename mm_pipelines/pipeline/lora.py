@@ -338,6 +338,7 @@ def train_adapter(
             last_grid["png"] = encode_image(big, "png")
 
         def on_checkpoint(step: int, path: Path) -> None:
+            tracked.flush()  # MLflow holds every loss up to a checkpoint once it is stored
             _store_checkpoint(store, ckpt_name, work, path, step)
 
         result = train_lora(
@@ -352,6 +353,9 @@ def train_adapter(
             validation_metric=metric,
             on_checkpoint=on_checkpoint,
         )
+        if result.resumed_from_step:  # one whole loss curve in this run: the restored steps too
+            for step, loss in enumerate(result.losses[: result.resumed_from_step], start=1):
+                tracked.step("loss", loss, step)
         adapter_version = weights_version(result.adapter_dir, "lora")
         tracked.metrics(
             {
@@ -387,7 +391,7 @@ def train_adapter(
             },
         )
         metadata = {k: v for k, v in dataclasses.asdict(record).items() if k not in _LOCAL_FIELDS}
-        store.put(
+        stored = store.put(
             ms.ADAPTER,
             subject.name,
             result.adapter_dir,
@@ -395,6 +399,7 @@ def train_adapter(
             metadata=metadata,
             make_current=True,
         )
+        tracked.link_version(name, record.registered_version, stored)
     record = adapter_record(svc, subject.name)
     return AdapterResult(
         record,

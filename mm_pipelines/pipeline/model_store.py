@@ -10,10 +10,13 @@ incomplete and the pointer is switched only after the manifest is there.
 
 Readers get a verified local folder: every file is checked against its sha256 before it is
 handed out (a corrupted or truncated file is refused with the artifact and the expected hash
-in the message). On S3 files land in a local cache keyed by sha256 (tmp file + rename, so two
-processes filling it at once do not trip over each other) and the artifact folder is made of
-hard links to the cached files. On a folder store the folder itself is handed out; a stamp of
-file sizes and mtimes spares re-hashing unchanged files on every read.
+in the message). On S3 files land in a local cache keyed by sha256 and the artifact folder
+is made of hard links to the cached files. The missing files of an artifact are downloaded
+and checked in a private folder first and enter the cache only when all of them match, so a
+corrupted artifact leaves nothing behind; every move is a rename, so two processes filling
+the cache at once do not trip over each other (the first complete artifact folder wins).
+On a folder store the folder itself is handed out; a stamp of file sizes and mtimes spares
+re-hashing unchanged files on every read.
 
 MLflow stays the registry reviewers look at: a registered version carries the store URI and
 the manifest digest of the artifact it was made from (see pipeline/tracking.py).
@@ -26,9 +29,11 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +63,21 @@ class ArtifactNotFound(ArtifactError, FileNotFoundError):
 
 class ArtifactIntegrityError(ArtifactError):
     pass
+
+
+class StoreUnavailable(ArtifactError):
+    """The store cannot be reached or refused the request (endpoint, bucket, credentials).
+    Not bad input: a retry may succeed, so steps do retry on it."""
+
+
+_TRANSFER_THREADS = 8  # files of one artifact move in parallel (S3 round trips dominate)
+
+
+def _parallel(func: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    if len(items) <= 1:
+        return [func(i) for i in items]
+    with ThreadPoolExecutor(min(_TRANSFER_THREADS, len(items))) as pool:
+        return list(pool.map(func, items))
 
 
 def sha256_file(path: str | Path) -> str:
@@ -173,7 +193,9 @@ class FolderBackend(Backend):
 
 class S3Backend(Backend):
     """Objects under `s3://bucket/prefix/`; any S3-compatible endpoint (a boto3 client, e.g.
-    from dagster-aws's S3Resource)."""
+    from dagster-aws's S3Resource). Errors name the object and the endpoint: a missing object
+    is ArtifactNotFound, anything else (unreachable endpoint, no bucket, no access)
+    StoreUnavailable."""
 
     def __init__(self, client: Any, bucket: str, prefix: str = "models"):
         self.client, self.bucket, self.prefix = client, bucket, prefix.strip("/")
@@ -184,41 +206,66 @@ class S3Backend(Backend):
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._k(key)}"
 
+    @contextlib.contextmanager
+    def _errors(self, key: str) -> Iterator[None]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        endpoint = getattr(self.client.meta, "endpoint_url", "")
+        try:
+            yield
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchKey", "NotFound"):
+                raise ArtifactNotFound(f"{self.uri(key)} does not exist") from err
+            raise StoreUnavailable(
+                f"{self.uri(key)} at {endpoint}: S3 refused ({code}): {err}"
+            ) from err
+        except BotoCoreError as err:
+            raise StoreUnavailable(
+                f"{self.uri(key)}: the S3 endpoint {endpoint} is unreachable: {err}"
+            ) from err
+
     def read_bytes(self, key: str) -> bytes | None:
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
-        except self.client.exceptions.NoSuchKey:
+            with self._errors(key):
+                return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+        except ArtifactNotFound:
             return None
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
+        with self._errors(key):
+            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
 
     def upload(self, key: str, path: Path) -> None:
-        self.client.upload_file(str(path), self.bucket, self._k(key))
+        with self._errors(key):
+            self.client.upload_file(str(path), self.bucket, self._k(key))
 
     def download(self, key: str, path: Path) -> None:
-        self.client.download_file(self.bucket, self._k(key), str(path))
+        with self._errors(key):
+            self.client.download_file(self.bucket, self._k(key), str(path))
 
     def list(self, prefix: str) -> list[str]:
         base = self._k(prefix).rstrip("/") + "/"
-        pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=base, Delimiter="/"
-        )
         keys = []
-        for page in pages:
-            keys += [p["Prefix"].rstrip("/") for p in page.get("CommonPrefixes", [])]
-            keys += [o["Key"] for o in page.get("Contents", [])]
+        with self._errors(prefix):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=base, Delimiter="/"
+            )
+            for page in pages:
+                keys += [p["Prefix"].rstrip("/") for p in page.get("CommonPrefixes", [])]
+                keys += [o["Key"] for o in page.get("Contents", [])]
         strip = len(self.prefix) + 1 if self.prefix else 0
         return [k[strip:] for k in keys]
 
     def delete_prefix(self, prefix: str) -> None:
         base = self._k(prefix).rstrip("/") + "/"
-        for page in self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=base
-        ):
-            objects = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if objects:
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects})
+        with self._errors(prefix):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=base
+            ):
+                objects = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if objects:
+                    self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects})
 
 
 # --------------------------------------------------------------------------- the store
@@ -275,7 +322,25 @@ class ModelStore:
             )
         if make_current:
             self.set_current(kind, name, version)
+        if not isinstance(self.backend, FolderBackend):
+            self._seed_cache(folder, manifest)  # the writer has the bytes: no download back
         return self.get(kind, name, version)
+
+    def _seed_cache(self, folder: Path, manifest: dict[str, Any]) -> None:
+        """Copy the files just stored into the cache (they hashed to the manifest a moment
+        ago); a file changed since then is simply left out and downloaded on `get`."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for rel, info in manifest["files"].items():
+            blob = self._blob(info)
+            if blob.is_file():
+                continue
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            tmp = blob.with_name(f".{blob.name}.{uuid.uuid4().hex}.tmp")
+            shutil.copyfile(folder / rel, tmp)
+            if sha256_file(tmp) == info["sha256"]:
+                os.replace(tmp, blob)
+            else:
+                tmp.unlink()
 
     def _write_version(
         self, kind: str, name: str, version: str, folder: Path, manifest: dict[str, Any]
@@ -291,8 +356,10 @@ class ModelStore:
             except OSError:  # a concurrent writer stored the same version first
                 shutil.rmtree(tmp, ignore_errors=True)
             return
-        for rel in manifest["files"]:
-            self.backend.upload(self._key(kind, name, version, rel), folder / rel)
+        _parallel(
+            lambda rel: self.backend.upload(self._key(kind, name, version, rel), folder / rel),
+            list(manifest["files"]),
+        )
         # the manifest goes last: without it the version is incomplete and refused
         data = json.dumps(manifest, indent=1, sort_keys=True).encode()
         self.backend.write_bytes(self._key(kind, name, version, MANIFEST), data)
@@ -343,46 +410,58 @@ class ModelStore:
         final = self.cache_dir / "artifacts" / kind / name / version
         if (final / MANIFEST).is_file():
             return final
-        blobs = {
-            rel: self._blob(self._key(kind, name, version, rel), info, uri, rel)
-            for rel, info in manifest["files"].items()
-        }
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{version}.{uuid.uuid4().hex}.tmp")
-        for rel, blob in blobs.items():
-            target = tmp / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(blob, target)
-            except OSError:  # another file system: a copy will do
-                shutil.copyfile(blob, target)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, sort_keys=True))
+        files = manifest["files"]
+        # one download per distinct content: identical files share a blob
+        wanted = {info["sha256"]: rel for rel, info in sorted(files.items())}
+        missing = [(d, rel) for d, rel in wanted.items() if not self._blob({"sha256": d}).is_file()]
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.cache_dir))
         try:
-            os.rename(tmp, final)
-        except OSError:  # another process made the same folder first
-            shutil.rmtree(tmp, ignore_errors=True)
+            # all or nothing: every missing file is checked before any enters the cache
+            def fetch(item: tuple[str, str]) -> tuple[str, Path]:
+                digest, rel = item
+                tmp = incoming / digest
+                try:
+                    self.backend.download(self._key(kind, name, version, rel), tmp)
+                except ArtifactNotFound as err:
+                    raise ArtifactIntegrityError(
+                        f"{uri}: {rel} is missing from the store (expected sha256 {digest})"
+                    ) from err
+                actual = sha256_file(tmp)
+                if actual != digest:
+                    raise ArtifactIntegrityError(
+                        f"{uri}: {rel} has sha256 {actual}, expected {digest}: the stored "
+                        "artifact is corrupted or was overwritten; refusing to use it"
+                    )
+                return digest, tmp
+
+            for digest, tmp in _parallel(fetch, missing):
+                blob = self._blob({"sha256": digest})
+                blob.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, blob)  # same content whoever wins
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp_dir = final.with_name(f".{version}.{uuid.uuid4().hex}.tmp")
+            for rel, info in files.items():
+                target = tmp_dir / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(self._blob(info), target)
+                except OSError:  # another file system: a copy will do
+                    shutil.copyfile(self._blob(info), target)
+            (tmp_dir / MANIFEST).write_text(json.dumps(manifest, sort_keys=True))
+            try:
+                os.rename(tmp_dir, final)
+            except OSError:  # another process made the same folder first
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+        finally:
+            shutil.rmtree(incoming, ignore_errors=True)
+        if not (final / MANIFEST).is_file():
+            raise ArtifactError(f"{uri}: could not build its local copy under {final}")
         return final
 
-    def _blob(self, key: str, info: dict[str, Any], uri: str, rel: str) -> Path:
+    def _blob(self, info: dict[str, Any]) -> Path:
         digest = info["sha256"]
-        blob = self.cache_dir / "blobs" / digest[:2] / digest
-        if blob.is_file():
-            return blob
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        tmp = blob.with_name(f".{digest}.{uuid.uuid4().hex}.tmp")
-        try:
-            self.backend.download(key, tmp)
-            actual = sha256_file(tmp)
-            if actual != digest:
-                raise ArtifactIntegrityError(
-                    f"{uri}: {rel} has sha256 {actual}, expected {digest}: the stored artifact "
-                    "is corrupted or was overwritten; refusing to use it"
-                )
-            os.replace(tmp, blob)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        return blob
+        return self.cache_dir / "blobs" / digest[:2] / digest
 
     # ----------------------------------------------------------------- housekeeping
 

@@ -15,6 +15,10 @@ from mm_pipelines import settings
 from mm_pipelines.pipeline.model_store import Artifact, ModelStore
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server cannot be reached."""
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """How the caller wants a run named and tagged (Dagster adds its run, asset, partition)."""
@@ -40,13 +44,24 @@ class Tracker:
         """Point MLflow at our tracking store; return the experiment id (created if new)."""
         import mlflow
 
-        settings.apply_mlflow_http_defaults()
-        mlflow.set_tracking_uri(self.tracking_uri or settings.mlflow_tracking_uri())
-        existing = mlflow.get_experiment_by_name(self.experiment)
+        settings.apply_mlflow_http_defaults()  # every process that tracks passes here first
+        uri = self.tracking_uri or settings.mlflow_tracking_uri()
+        mlflow.set_tracking_uri(uri)
+        try:
+            existing = mlflow.get_experiment_by_name(self.experiment)
+        except mlflow.exceptions.MlflowException as err:
+            if "failed with exception" not in str(err):  # MLflow's words for a failed request
+                raise
+            raise TrackingUnavailable(
+                f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable "
+                f"({settings.mlflow_http_settings()}): {err}"
+            ) from err
         if existing is not None:
             return existing.experiment_id
-        root = self.artifact_root or settings.mlflow_artifact_root()
+        root = (self.artifact_root or settings.mlflow_artifact_root()).rstrip("/")
         try:
+            # "mlflow-artifacts:/" + "/name" would name a host ("mlflow-artifacts://name"),
+            # which the tracking server refuses: one slash between root and experiment
             return mlflow.create_experiment(
                 self.experiment, artifact_location=f"{root}/{self.experiment}"
             )
@@ -199,13 +214,24 @@ class TrackedRun:
         path = artifact_path or kind
         self.artifacts(folder, path)  # the files as trained, without the store's manifest
         registered = self.register(
-            path,
-            registered_name,
-            tags={
-                **(tags or {}),
-                "mm.store_uri": artifact.uri,
-                "mm.store_version": artifact.version,
-                "mm.store_digest": artifact.digest,
-            },
+            path, registered_name, tags={**(tags or {}), **store_tags(artifact)}
         )
         return Published(artifact, registered_name, registered)
+
+    def link_version(self, registered_name: str, version: str, artifact: Artifact) -> None:
+        """Tag an already registered version with the store artifact it corresponds to (for a
+        model stored after registering, e.g. one whose store version names the registered)."""
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        for key, value in store_tags(artifact).items():
+            client.set_model_version_tag(registered_name, version, key, value)
+
+
+def store_tags(artifact: Artifact) -> dict[str, str]:
+    """What ties a registered MLflow version to the bytes steps read from the model store."""
+    return {
+        "mm.store_uri": artifact.uri,
+        "mm.store_version": artifact.version,
+        "mm.store_digest": artifact.digest,
+    }

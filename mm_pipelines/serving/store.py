@@ -165,12 +165,10 @@ def open_store(location: str | Path, client: Any = None) -> ServingStore:
         bucket, _, prefix = text[len("s3://") :].partition("/")
         if not bucket:
             raise ValueError(f"no bucket in {text!r}")
-        if client is None:
-            import boto3
+        if client is None:  # the same timeouts and retries as every S3 client of ours
+            from mm_pipelines.storage import s3
 
-            from mm_pipelines import settings
-
-            client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url())
+            client = s3.client()
         return S3ServingStore(client, bucket, prefix)
     return LocalServingStore(text)
 

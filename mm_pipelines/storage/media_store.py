@@ -26,6 +26,10 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+class MediaIntegrityError(RuntimeError):
+    """A stored object's bytes do not hash to its key."""
+
+
 def object_key(content_hash: str) -> str:
     # two levels of fan-out keep directory listings small at millions of objects
     return f"{content_hash[:2]}/{content_hash[2:4]}/{content_hash}"
@@ -156,13 +160,25 @@ class S3MediaStore(MediaStore):
         return open(self.local_path(content_hash), "rb")
 
     def local_path(self, content_hash: str) -> Path:
+        """A verified local copy: the key is the sha256, so a changed byte is refused
+        (and never cached) instead of being decoded as if it were the object."""
         target = self.cache_dir / object_key(content_hash)
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=target.parent)
-            with os.fdopen(fd, "wb") as f:
-                self.client.download_fileobj(self.bucket, self.key(content_hash), f)
-            os.replace(tmp, target)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    self.client.download_fileobj(self.bucket, self.key(content_hash), f)
+                actual = sha256_file(tmp)
+                if actual != content_hash:
+                    raise MediaIntegrityError(
+                        f"{self.uri(content_hash)} has sha256 {actual}, expected "
+                        f"{content_hash}: the stored object is corrupted; refusing to use it"
+                    )
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
         return target
 
     def verify(self, content_hash: str) -> str | None:
