@@ -296,3 +296,26 @@ def test_a_subject_from_uncaptioned_images_trains_with_generated_captions(
     assert (params["caption_shuffle"], params["caption_keep_tokens"]) == ("True", "1")
     assert params["caption_samples"] == str(3 * 4)  # 4 pre-drawn augmentations per image
     assert np.isfinite(result.final_loss)
+
+
+def test_a_configured_head_file_wins_and_a_mismatched_one_is_a_clear_error(env, tmp_path):
+    from mm_pipelines.pipeline.curate.config import CurationChoice
+    from mm_pipelines.pipeline.curate.scores import active_heads, clip_version
+
+    version = clip_version(env.svc)
+    trained = active_heads(env.svc, CurationChoice(), version, 64)
+    configured = hd.ScoringHead(hd.HeadConfig("unsafe", 64))
+    hd.save_head(configured, tmp_path)
+    path = str(tmp_path / "unsafe.safetensors")
+    heads = active_heads(env.svc, CurationChoice(safety_head=path), version, 64)
+    assert heads["unsafe"].version == configured.cfg.version != trained["unsafe"].version
+    assert heads["aesthetic"].version == trained["aesthetic"].version  # the rest: trained
+    wide = hd.ScoringHead(hd.HeadConfig("unsafe", 768))
+    hd.save_head(wide, tmp_path / "wide")
+    with pytest.raises(ValueError, match=r"wide/unsafe.safetensors: head 'unsafe' reads 768-d"):
+        active_heads(
+            env.svc, CurationChoice(safety_head=str(tmp_path / "wide" / "unsafe.safetensors")),
+            version, 64,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="materialize content_heads again"):
+        active_heads(env.svc, CurationChoice(), "another-clip@sha256:0", 64)

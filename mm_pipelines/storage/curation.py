@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,35 @@ from psycopg.rows import dict_row
 from mm_pipelines.storage.vectors import to_array
 
 PICTURE_KINDS = ("image", "video_frame")
+
+
+def _copy_upsert(
+    conn: psycopg.Connection,
+    table: str,
+    columns: Sequence[str],
+    rows: Sequence[tuple],
+    key: Sequence[str],
+    update: Sequence[str],
+) -> int:
+    """Many rows in one COPY into a temporary table, then one INSERT .. ON CONFLICT
+    (an INSERT per row was a third of the scoring driver's time)."""
+    if not rows:
+        return 0
+    cols = ", ".join(columns)
+    sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in update)
+    with conn.transaction(), conn.cursor() as cur:
+        # dropped here, not on commit: callers may hold an outer transaction open
+        cur.execute("DROP TABLE IF EXISTS _upsert")
+        cur.execute(f"CREATE TEMP TABLE _upsert AS SELECT {cols} FROM {table} LIMIT 0")
+        with cur.copy(f"COPY _upsert ({cols}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        cur.execute(
+            f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _upsert "
+            f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}"
+        )
+        cur.execute("DROP TABLE _upsert")
+    return len(rows)
 
 
 def _dicts(conn: psycopg.Connection, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
@@ -294,15 +323,14 @@ def scored_keys(
 
 
 def save_scores(conn: psycopg.Connection, rows: Sequence[ScoreRow]) -> int:
-    with conn.transaction(), conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO content_scores (item_key, score_name, head_version, encoder_version, "
-            "item_kind, content_hash, source_hash, score) VALUES (%s, %s, %s, %s, %s, %s, %s, "
-            "%s) ON CONFLICT (item_key, score_name, head_version) DO UPDATE SET "
-            "score = EXCLUDED.score",
-            [astuple(r) for r in rows],
-        )
-    return len(rows)
+    return _copy_upsert(
+        conn,
+        "content_scores",
+        [f.name for f in fields(ScoreRow)],
+        [astuple(r) for r in rows],
+        ("item_key", "score_name", "head_version"),
+        ("score",),
+    )
 
 
 def source_scores(
@@ -419,14 +447,14 @@ def captioned(conn: psycopg.Connection, hashes: Sequence[str], source: str) -> s
 
 
 def save_captions(conn: psycopg.Connection, rows: Sequence[CaptionRow]) -> int:
-    with conn.transaction(), conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO captions (content_hash, source, caption, confidence, item_kind) "
-            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (content_hash, source) DO UPDATE SET "
-            "caption = EXCLUDED.caption, confidence = EXCLUDED.confidence",
-            [astuple(r) for r in rows],
-        )
-    return len(rows)
+    return _copy_upsert(
+        conn,
+        "captions",
+        [f.name for f in fields(CaptionRow)],
+        [astuple(r) for r in rows],
+        ("content_hash", "source"),
+        ("caption", "confidence"),
+    )
 
 
 def manifest_captions(conn: psycopg.Connection, batch: str) -> dict[str, str]:

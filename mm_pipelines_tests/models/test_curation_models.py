@@ -150,9 +150,10 @@ def test_the_demo_tagger_captions_held_out_shapes(demo_clip):
     )
     assert len(tagger.sentences) == len(shapes.all_specs())
     assert all(0 < t.confidence <= 1 for t in tags)
-    # chance: exact 1/224, colour and background 1/8, shape 1/4
-    assert exact > 0.3
-    assert per_slot["background"] > 0.8 and per_slot["colour"] > 0.6 and per_slot["shape"] > 0.5
+    # chance: exact 1/224, colour and background 1/8, shape 1/4; measured 0.978 exact and
+    # 1.0 / 0.978 / 1.0 per attribute with the demo CLIP (held-out recall@1 0.996)
+    assert exact > 0.9
+    assert min(per_slot.values()) > 0.95
 
 
 def test_a_transformers_captioner_runs_from_a_model_directory(tmp_path):

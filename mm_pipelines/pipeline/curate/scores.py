@@ -52,11 +52,14 @@ class HeadSpec:
     positive: str  # manifest label of the positive class
     negative: str
     train_kinds: tuple[str, ...]  # item kinds whose vectors it learns from
+    # parts that only ever count as negatives: a video labelled safe vouches for every frame,
+    # a video labelled unsafe does not make every frame unsafe
+    negative_only_kinds: tuple[str, ...] = ()
 
 
 # what `content_heads` trains when the labels are there
 HEAD_SPECS = (
-    HeadSpec(UNSAFE, "unsafe", "safe", ("image",)),
+    HeadSpec(UNSAFE, "unsafe", "safe", ("image",), ("video_frame",)),
     HeadSpec(AESTHETIC, "high_quality", "low_quality", ("image",)),
     HeadSpec(TEXT_UNSAFE, "unsafe", "safe", TEXT_KINDS),
 )
@@ -80,7 +83,11 @@ def labelled_examples(rows: list[dict], spec: HeadSpec) -> tuple[np.ndarray, np.
     x, y = [], []
     for r in rows:
         pos, neg = spec.positive in r["labels"], spec.negative in r["labels"]
-        if pos != neg and r["item_kind"] in spec.train_kinds:
+        if pos == neg:
+            continue  # unlabelled for this head, or labelled both ways
+        if r["item_kind"] in spec.train_kinds or (
+            neg and r["item_kind"] in spec.negative_only_kinds
+        ):
             x.append(r["embedding"])
             y.append(1 if pos else 0)
     return (np.stack(x) if x else np.zeros((0, 0), np.float32)), np.asarray(y, np.int64)
