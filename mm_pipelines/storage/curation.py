@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,12 @@ def _copy_upsert(
         )
         cur.execute("DROP TABLE _upsert")
     return len(rows)
+
+
+def _values(row: Any) -> tuple:
+    """A flat dataclass as a tuple, in field order (`dataclasses.astuple` deep-copies every
+    value: 10x slower on the scoring driver's rows)."""
+    return tuple(row.__dict__.values())
 
 
 def _dicts(conn: psycopg.Connection, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
@@ -214,7 +220,7 @@ def save_pairs(
             "INSERT INTO near_duplicates (tenant, item_hash, duplicate_of, item_kind, "
             "duplicate_kind, similarity, method, method_version, batch) "
             "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-            [astuple(p) for p in pairs],
+            [_values(p) for p in pairs],
         )
         cur.executemany(
             "INSERT INTO near_duplicate_checks (tenant, content_hash, method_version, batch) "
@@ -327,7 +333,7 @@ def save_scores(conn: psycopg.Connection, rows: Sequence[ScoreRow]) -> int:
         conn,
         "content_scores",
         [f.name for f in fields(ScoreRow)],
-        [astuple(r) for r in rows],
+        [_values(r) for r in rows],
         ("item_key", "score_name", "head_version"),
         ("score",),
     )
@@ -377,24 +383,10 @@ def replace_flags(
             "(SELECT * FROM unnest(%s::text[], %s::text[]))",
             ([t for t, _ in items], [h for _, h in items]),
         )
-        cur.executemany(
-            "INSERT INTO content_flags (tenant, content_hash, score_name, score, threshold, "
-            "reason, head_version, policy, batch) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            [
-                (
-                    f.tenant,
-                    f.content_hash,
-                    f.score_name,
-                    f.score,
-                    f.threshold,
-                    f.reason,
-                    f.head_version,
-                    json.dumps(f.policy, sort_keys=True),
-                    batch,
-                )
-                for f in flags
-            ],  # fmt: skip
-        )
+        names = [f.name for f in fields(FlagRow)]
+        with cur.copy(f"COPY content_flags ({', '.join(names)}) FROM STDIN") as copy:
+            for f in flags:
+                copy.write_row((*_values(f)[:-2], json.dumps(f.policy, sort_keys=True), batch))
 
 
 def batch_items(conn: psycopg.Connection, batch: str) -> list[tuple[str, str]]:
@@ -451,7 +443,7 @@ def save_captions(conn: psycopg.Connection, rows: Sequence[CaptionRow]) -> int:
         conn,
         "captions",
         [f.name for f in fields(CaptionRow)],
-        [astuple(r) for r in rows],
+        [_values(r) for r in rows],
         ("content_hash", "source"),
         ("caption", "confidence"),
     )
