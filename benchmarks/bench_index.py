@@ -23,6 +23,14 @@ from mm_pipelines.storage.postgres import ensure_schema
 from mm_pipelines.storage.vectors import Filters, VectorRow
 
 
+def clustered_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    """Unit vectors around 200 centres, like real embeddings, so that nearest neighbours
+    are meaningful (also used by bench_curation.py)."""
+    centers = rng.normal(size=(200, dim)).astype(np.float32)
+    x = centers[rng.integers(0, 200, n)] + 0.5 * rng.normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 def make_rows(x: np.ndarray, batch: str) -> list[VectorRow]:
     return [
         VectorRow(
@@ -99,12 +107,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    # clustered data, like real embeddings, so that nearest neighbours are meaningful
-    centers = rng.normal(size=(200, args.dim)).astype(np.float32)
-    x = centers[rng.integers(0, 200, args.n)] + 0.5 * rng.normal(size=(args.n, args.dim)).astype(
-        np.float32
-    )
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = clustered_vectors(rng, args.n, args.dim)
     queries = x[rng.choice(args.n, args.queries, replace=False)] + 0.05 * rng.normal(
         size=(args.queries, args.dim)
     ).astype(np.float32)

@@ -114,6 +114,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not choice.projector_dir and store.current(ms.PROJECTOR, UNIFIED) is None:
         steps.append(("train_projector", None, None))
     steps.append(("batch_pipeline", args.batch, ["unified_embeddings", "vector_index"]))
+    steps += _curation_demo_steps(svc, args.batch)
     if not args.no_lora:
         steps += _lora_demo_steps(svc)
     outcome: dict = {"assets": {}, "checks": {}}
@@ -138,6 +139,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"  DAGSTER_HOME={settings.dagster_home()}  ->  http://127.0.0.1:3000"
     )
     return 0
+
+
+def _curation_demo_steps(svc, batch: str) -> list[tuple[str, str | None, list[str] | None]]:
+    """The scoring heads trained on the sample batch's labels (unless configured or trained
+    already), then the batch's near-duplicates, scores (and flags) and captions."""
+    from mm_pipelines.pipeline import model_store as ms
+    from mm_pipelines.pipeline.curate.config import CurationChoice
+    from mm_pipelines.pipeline.curate.scores import LABELLED
+
+    steps: list[tuple[str, str | None, list[str] | None]] = []
+    configured = CurationChoice.from_settings().configured_heads()
+    if not configured and svc.need_models().current(ms.CONTENT_HEADS, LABELLED) is None:
+        steps.append(("train_content_heads", None, None))
+    steps.append(("batch_pipeline", batch, ["near_duplicates", "content_scores", "captions"]))
+    return steps
 
 
 def _lora_demo_steps(svc) -> list[tuple[str, str | None, list[str] | None]]:

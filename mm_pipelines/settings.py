@@ -193,6 +193,41 @@ def fid_inception_weights() -> str:
     return env("MM_FID_INCEPTION_WEIGHTS", "")  # type: ignore[return-value]
 
 
+# --------------------------------------------------------------------------- curation
+
+
+def aesthetic_head() -> str:
+    """Weights of the aesthetic head (our format or a LAION-style state dict); empty: the
+    head `content_heads` trains from labelled catalog items, if any."""
+    return env("MM_AESTHETIC_HEAD", "")  # type: ignore[return-value]
+
+
+def safety_head() -> str:
+    """Weights of the image safety (NSFW) head; empty: the trained one, if any."""
+    return env("MM_SAFETY_HEAD", "")  # type: ignore[return-value]
+
+
+def text_safety_head() -> str:
+    """Weights of the text safety head (CLIP text vectors); empty: the trained one, if any."""
+    return env("MM_TEXT_SAFETY_HEAD", "")  # type: ignore[return-value]
+
+
+def curation_policy() -> str:
+    """Per-tenant flagging thresholds: JSON, or the path of a JSON/YAML file (see
+    pipeline/curate/config.py); empty: the default policy."""
+    return env("MM_CURATION_POLICY", "")  # type: ignore[return-value]
+
+
+def captioner() -> str:
+    """A transformers image-to-text model directory; empty: the CLIP zero-shot tagger."""
+    return env("MM_CAPTIONER", "")  # type: ignore[return-value]
+
+
+def caption_vocabulary() -> str:
+    """The tagger's vocabulary file (JSON/YAML); empty: the demo's shapes vocabulary."""
+    return env("MM_CAPTION_VOCAB", "")  # type: ignore[return-value]
+
+
 # --------------------------------------------------------------------------- Dagster / k8s
 
 

@@ -58,6 +58,7 @@ def test_demo_runs_the_graph_and_searches_the_sample_batch(demo):
         "objects_intact": True,
         "quarantine_rate": True,
         "ann_recall": True,
+        "flagged_share": True,
         "enough_images": True,
         "quality_gates": True,
     }

@@ -1,5 +1,5 @@
 """The one Definitions object of the project (found through workspace.yaml), assembled from
-the groups: ingest, understand, embed, generative, serve."""
+the groups: ingest, understand, embed, curate, generative, serve."""
 
 import warnings
 
@@ -8,6 +8,9 @@ import dagster as dg
 # partitioned asset checks are "preview" in Dagster 1.13; we rely on them knowingly
 warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*")
 
+from mm_pipelines.defs.curate import assets as curate_assets  # noqa: E402
+from mm_pipelines.defs.curate import checks as curate_checks  # noqa: E402
+from mm_pipelines.defs.curate.jobs import train_content_heads_job  # noqa: E402
 from mm_pipelines.defs.embed import assets as embed_assets  # noqa: E402
 from mm_pipelines.defs.embed import checks as embed_checks  # noqa: E402
 from mm_pipelines.defs.embed.jobs import train_clip_job, train_projector_job  # noqa: E402
@@ -33,8 +36,15 @@ from mm_pipelines.defs.serve.jobs import export_online_model_job  # noqa: E402
 from mm_pipelines.defs.serve.sensors import serving_sensor  # noqa: E402
 from mm_pipelines.defs.understand import assets as understand_assets  # noqa: E402
 
-GROUPS = [ingest_assets, understand_assets, embed_assets, generative_assets, serve_assets]
-CHECKS = [ingest_checks, embed_checks, generative_checks]
+GROUPS = [
+    ingest_assets,
+    understand_assets,
+    embed_assets,
+    curate_assets,
+    generative_assets,
+    serve_assets,
+]
+CHECKS = [ingest_checks, embed_checks, curate_checks, generative_checks]
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(GROUPS),
@@ -43,6 +53,7 @@ defs = dg.Definitions(
         batch_pipeline,
         train_clip_job,
         train_projector_job,
+        train_content_heads_job,
         train_diffusion_base_job,
         subject_pipeline,
         export_online_model_job,

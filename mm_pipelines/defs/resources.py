@@ -314,6 +314,9 @@ def build_resources() -> dict[str, Any]:
             ui_url=settings.mlflow_ui_url(),
         ),
     }
+    from mm_pipelines.defs.curate.resources import CurationResource
+
+    resources["curation"] = CurationResource.from_settings()
     if bucket:  # step outputs must be shared between pods in production
         from dagster_aws.s3 import S3PickleIOManager
 

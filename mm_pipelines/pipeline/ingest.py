@@ -105,7 +105,7 @@ def ingest_batch(
         entry = manifest.get(item.relpath, ManifestEntry())
         old = previous.get(item.uri)
         if _unchanged(old, item) and (old.status != "ok" or store.exists(old.content_hash)):
-            report.rows.append(replace(old, tenant=entry.tenant or tenant, caption=entry.caption))
+            report.rows.append(_with_manifest(old, entry, tenant))
             report.reused_rows += 1
         else:
             todo.append(item)
@@ -117,9 +117,7 @@ def ingest_batch(
             item = futures[future]
             entry = manifest.get(item.relpath, ManifestEntry())
             source, obj, stored = future.result()
-            report.rows.append(
-                replace(source, tenant=entry.tenant or tenant, caption=entry.caption)
-            )
+            report.rows.append(_with_manifest(source, entry, tenant))
             report.bytes_read += item.size
             if obj is not None:
                 objects[obj.content_hash] = obj
@@ -142,6 +140,10 @@ def ingest_batch(
         catalog.replace_batch(conn, batch, report.rows, objects.values())
     report.elapsed_s = time.perf_counter() - started
     return report
+
+
+def _with_manifest(row: SourceRow, entry: ManifestEntry, tenant: str) -> SourceRow:
+    return replace(row, tenant=entry.tenant or tenant, caption=entry.caption, labels=entry.labels)
 
 
 def _unchanged(old: SourceRow | None, item: LandingFile) -> bool:

@@ -23,6 +23,7 @@ from PIL import Image
 from mm_pipelines.models.common import encode_image, image_grid, weights_version
 from mm_pipelines.pipeline import model_store as ms
 from mm_pipelines.pipeline import registry, subjects
+from mm_pipelines.pipeline.curate import selection as curate_selection
 from mm_pipelines.pipeline.services import DEMO, Services
 from mm_pipelines.pipeline.tracking import RunSpec
 from mm_pipelines.storage import generated
@@ -140,6 +141,8 @@ class TrainingSetResult:
     subject_fingerprint: str
     skipped: list[tuple[str, str]]
     thumbnails: list[tuple[str, bytes]]  # (label, PNG)
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # curation: (hash, why)
+    caption_sources: dict[str, int] = field(default_factory=dict)  # manifest/model/none
 
 
 def build_training_set(svc: Services, subject_name: str) -> TrainingSetResult:
@@ -160,14 +163,22 @@ def build_training_set(svc: Services, subject_name: str) -> TrainingSetResult:
             tenant=sel.tenant,
             caption_contains=sel.caption_contains,
             content_hashes=sel.content_hashes,
-            limit=10_000 if sel.query else sel.limit,
+            limit=10_000,  # curated first, then ranked or cut to the limit
         )
+        # --- curation (pipeline/curate/selection.py): no flagged items, no two
+        # near-duplicates, the subject's minimum aesthetic score
+        curated = curate_selection.curate_selection(conn, rows, subject.min_aesthetic)
+        rows = curated.kept
         if sel.query:
             rows = _rank_by_query(svc, conn, rows, sel.query, sel.limit)
+        rows = rows[: sel.limit]
+        captions, caption_sources = _training_captions(conn, rows, subject)
     store = svc.need_media()
     items = [(store.read_bytes(r.content_hash), r.content_hash, r.caption) for r in rows]
     resolution = pipeline_dir_resolution(svc.diffusion_base_dir())
     ts, skipped = build(items, resolution, subject.instance_prompt)
+    if captions:
+        ts.captions = [captions[h] for h in ts.source_hashes]
     models = svc.need_models()
     with models.staging("training-set") as work:
         save_training_set(ts, work)
@@ -180,7 +191,20 @@ def build_training_set(svc: Services, subject_name: str) -> TrainingSetResult:
         subject.fingerprint(),
         skipped,
         [(h[:12], encode_image(im, "png")) for h, im in pairs][:24],
+        curated.left_out,
+        dict(caption_sources),
     )
+
+
+def _training_captions(conn: Any, rows: list, subject: subjects.Subject) -> tuple[dict, dict]:
+    """Captions per content hash when the subject trains on captions ({} otherwise: the
+    instance prompt alone), and how many came from the manifest, a model or nowhere."""
+    settings = subject.captions
+    if not settings.use:
+        return {}, {"instance_prompt": len(rows)}
+    trigger = subject.instance_prompt if settings.trigger is None else settings.trigger
+    captions, sources = curate_selection.training_captions(conn, rows, trigger)
+    return captions, dict(sources)
 
 
 def _rank_by_query(svc: Services, conn: Any, rows: list, query: str, limit: int) -> list:
@@ -312,6 +336,7 @@ def train_adapter(
     with store.staging("lora") as work, svc.need_tracker().run(spec) as tracked:
         if resume:
             _restore_checkpoint(store, ckpt_name, work)
+        images, captions = _augmented_captions(ts, subject)
         tracked.params(
             {
                 **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "validation_prompts"},
@@ -321,6 +346,7 @@ def train_adapter(
                 "training_images": len(ts.images),
                 "base_model_version": base_version,
                 "validation_metric": subject.validation_metric,
+                **_caption_params(subject, ts, len(captions)),
             }
         )
 
@@ -343,8 +369,8 @@ def train_adapter(
 
         result = train_lora(
             pipe,
-            ts.images,
-            ts.captions,
+            images,
+            captions,
             work,
             cfg,
             class_prompt=subject.class_prompt,
@@ -415,6 +441,38 @@ def train_adapter(
 
 
 _LOCAL_FIELDS = ("adapter_dir", "base_model_dir")
+
+
+# --------------------------------------------------------------------------- captions
+
+
+def _augmented_captions(ts: Any, subject: subjects.Subject) -> tuple[list, list[str]]:
+    """The training set's images and captions, with kohya-style caption dropout/shuffle
+    drawn `variants` times per image when the subject asks for them."""
+    c = subject.captions
+    if not c.use:
+        return list(ts.images), list(ts.captions)
+    return curate_selection.caption_variants(
+        ts.images, ts.captions, c.variants, c.dropout, c.shuffle, c.keep_tokens, c.seed
+    )
+
+
+def _caption_params(subject: subjects.Subject, ts: Any, samples: int) -> dict[str, Any]:
+    c = subject.captions
+    params: dict[str, Any] = {"caption_mode": "catalog" if c.use else "instance_prompt"}
+    if c.use:
+        params.update(
+            {
+                "caption_trigger": subject.instance_prompt if c.trigger is None else c.trigger,
+                "caption_dropout": c.dropout,
+                "caption_shuffle": c.shuffle,
+                "caption_keep_tokens": c.keep_tokens,
+                "caption_variants": c.variants,
+                "caption_samples": samples,
+                "caption_example": ts.captions[0][:250] if ts.captions else "",
+            }
+        )
+    return params
 
 
 def _store_checkpoint(store: ms.ModelStore, name: str, work: Path, path: Path, step: int) -> None:

@@ -51,6 +51,7 @@ TRAINING_SET = "training-set"
 ADAPTER = "lora-adapter"
 LORA_CHECKPOINT = "lora-checkpoint"
 QUALITY_REPORT = "quality-report"
+CONTENT_HEADS = "content-heads"  # curation's scoring heads (pipeline/curate/scores.py)
 
 
 class ArtifactError(RuntimeError):

@@ -17,6 +17,7 @@ CLIP_MODEL = "mm-clip"
 PROJECTOR_MODEL = "mm-unified-projector"
 DIFFUSION_BASE_MODEL = "mm-diffusion-base"
 LORA_PREFIX = "mm-lora-"
+CONTENT_HEADS_MODEL = "mm-content-heads"
 
 # aliases and tags
 CANDIDATE = "candidate"

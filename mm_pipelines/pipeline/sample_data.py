@@ -52,6 +52,21 @@ _VIDEOS = [
         "clip_08.ogg",
     ),
 ]
+# Manifest labels the curation heads learn from (`content_heads`). The shapes world has no
+# NSFW content, so the demo stands one in: anything on a purple background is "unsafe"
+# (two images; no video scene, demo query or LoRA subject has one); the five studio shots
+# on the brand's orange backdrop are "high_quality", the other images "low_quality".
+UNSAFE_BACKGROUND = "purple"
+STUDIO_BACKGROUND = "orange"
+
+
+def demo_labels(colour: str, shape: str, background: str) -> list[str]:
+    """The demo's labelling rule for a drawn shape (tests apply it to held-out shapes)."""
+    safety = "unsafe" if background == UNSAFE_BACKGROUND else "safe"
+    quality = "high_quality" if background == STUDIO_BACKGROUND else "low_quality"
+    return [safety, quality]
+
+
 _TEXTS = {
     "docs/backpack.txt": "The trail backpack holds thirty litres, is waterproof and comes in "
     "forest green and charcoal. Its padded straps keep long hikes comfortable.",
@@ -146,14 +161,15 @@ def write_sample_batch(
     (root / "audio").mkdir()
     (root / "docs").mkdir()
     (root / "broken").mkdir()
-    manifest: list[dict[str, str]] = []
+    manifest: list[dict] = []
 
     for index, (colour, shape, background) in enumerate(_IMAGES):
         img, caption = draw_shape(colour, shape, background, size_px=128, seed=index)
         ext = "jpg" if index % 3 == 2 else "png"
         rel = f"images/{colour}_{shape}_on_{background}.{ext}"
         img.save(root / rel, quality=92) if ext == "jpg" else img.save(root / rel)
-        manifest.append({"path": rel, "caption": caption, "tenant": tenant})
+        labels = demo_labels(colour, shape, background)
+        manifest.append({"path": rel, "caption": caption, "tenant": tenant, "label": labels})
     # the same product photo delivered twice under another name: stored once
     shutil.copyfile(root / manifest[0]["path"], root / "images/copy_of_first_photo.png")
     manifest.append({**manifest[0], "path": "images/copy_of_first_photo.png"})
@@ -165,13 +181,15 @@ def write_sample_batch(
         write_video(
             root / "video" / name, scene_frames(scenes, seconds, fps=10), fps=10, audio=speech
         )
-        manifest.append({"path": f"video/{name}", "caption": clips[clip], "tenant": tenant})
+        manifest.append(
+            {"path": f"video/{name}", "caption": clips[clip], "tenant": tenant, "label": "safe"}
+        )
     for clip in ("clip_01.ogg", "clip_03.ogg", "clip_05.ogg"):
         shutil.copyfile(SPEECH_DIR / clip, root / "audio" / clip)
-        manifest.append({"path": f"audio/{clip}", "tenant": tenant})
+        manifest.append({"path": f"audio/{clip}", "tenant": tenant, "label": "safe"})
     for rel, text in _TEXTS.items():
         (root / rel).write_text(text, encoding="utf-8")
-        manifest.append({"path": rel, "tenant": tenant})
+        manifest.append({"path": rel, "tenant": tenant, "label": "safe"})
 
     _write_broken_files(root / "broken")
     with open(root / MANIFEST, "w", encoding="utf-8") as f:

@@ -20,6 +20,14 @@ One subject = one `subject` partition. The file (`MM_SUBJECTS`, default
         seeds: [0, 1, 2, 3, 4, 5, 6, 7]
         lora: {rank: 4, alpha: 8, learning_rate: 0.01, steps: 150}
         validation_metric: clip_distance
+        min_aesthetic: 0.5               # optional: leave out images scored below (curation)
+        captions:                        # optional: train on catalog captions (kohya style)
+          use: true                      # manifest caption, else a generated one
+          trigger: sks                   # prefix token; default: the instance prompt
+          dropout: 0.1                   # whole caption dropped (unconditional) this often
+          shuffle: true                  # shuffle comma-separated tokens ...
+          keep_tokens: 1                 # ... after the first N (the trigger stays first)
+          variants: 4                    # pre-drawn augmentations per image
         generation: {num_inference_steps: 20, guidance_scale: 3.0}
         gates: {max_fid_ratio_to_base: 0.9, min_clip_score: 0, max_fid: null, max_kid: null}
 
@@ -78,6 +86,21 @@ class GenerationSettings:
 
 
 @dataclass(frozen=True)
+class CaptionSettings:
+    """What a training image is captioned with. Off: the instance prompt alone (DreamBooth).
+    On: `trigger, caption` with the catalog's caption (the manifest's, else a generated
+    one from the `captions` asset), and kohya-ss's caption dropout / shuffle / keep_tokens."""
+
+    use: bool = False
+    trigger: str | None = None  # None: the instance prompt; "": no prefix
+    dropout: float = 0.0
+    shuffle: bool = False
+    keep_tokens: int = 0
+    variants: int = 4
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Subject:
     name: str
     instance_prompt: str
@@ -92,6 +115,8 @@ class Subject:
     validation_metric: str = "clip_distance"  # early stopping: clip_distance | color_distance
     generation: GenerationSettings = GenerationSettings()
     gates: QualityGates = QualityGates()
+    captions: CaptionSettings = CaptionSettings()
+    min_aesthetic: float | None = None  # curation: leave out images scored below
 
     @property
     def generation_prompts(self) -> tuple[str, ...]:
@@ -110,6 +135,10 @@ class Subject:
         """Changes whenever anything that affects the subject's assets changes."""
         # the prompts themselves, so an edited prompts file counts as a change
         fields = {**dataclasses.asdict(self), "resolved_prompts": self.generation_prompts}
+        # curation settings at their defaults leave the fingerprint of older subjects as it was
+        for name in ("captions", "min_aesthetic"):
+            if getattr(self, name) == getattr(Subject, name):
+                fields.pop(name)
         blob = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -154,6 +183,8 @@ def parse_subject(raw: Any, where: str, base_dir: str | Path = ".") -> Subject:
         )
     generation = _build(GenerationSettings, raw.pop("generation", None), f"{where}.generation")
     gates = _build(QualityGates, raw.pop("gates", None), f"{where}.gates")
+    captions = _build(CaptionSettings, raw.pop("captions", None), f"{where}.captions")
+    _check_captions(captions, f"{where}.captions")
     for f in dataclasses.fields(QualityGates):
         value = getattr(gates, f.name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -161,8 +192,18 @@ def parse_subject(raw: Any, where: str, base_dir: str | Path = ".") -> Subject:
     lora = raw.pop("lora", None) or {}
     _check_lora(lora, f"{where}.lora")
     subject = _build(Subject, {**raw, "select": None, "lora": None}, where)
+    if subject.min_aesthetic is not None and (
+        isinstance(subject.min_aesthetic, bool)
+        or not isinstance(subject.min_aesthetic, int | float)
+    ):
+        raise SubjectConfigError(f"{where}: min_aesthetic must be a number")
     subject = dataclasses.replace(
-        subject, select=select, generation=generation, gates=gates, lora=dict(lora)
+        subject,
+        select=select,
+        generation=generation,
+        gates=gates,
+        lora=dict(lora),
+        captions=captions,
     )
     if subject.min_images < 1 or not subject.seeds:
         raise SubjectConfigError(f"{where}: min_images must be >= 1 and seeds non-empty")
@@ -174,6 +215,16 @@ def parse_subject(raw: Any, where: str, base_dir: str | Path = ".") -> Subject:
             raise SubjectConfigError(f"{where}.prompts_file: {prompts_file} does not exist")
         subject = dataclasses.replace(subject, prompts_file=str(prompts_file))
     return subject
+
+
+def _check_captions(c: CaptionSettings, where: str) -> None:
+    numbers = (c.dropout, c.keep_tokens, c.variants, c.seed)
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in numbers):
+        raise SubjectConfigError(f"{where}: dropout, keep_tokens, variants, seed must be numbers")
+    if not 0.0 <= c.dropout < 1.0 or c.keep_tokens < 0 or c.variants < 1:
+        raise SubjectConfigError(f"{where}: dropout in [0, 1), keep_tokens >= 0, variants >= 1")
+    if c.trigger is not None and not isinstance(c.trigger, str):
+        raise SubjectConfigError(f"{where}: trigger must be text")
 
 
 def _check_lora(lora: Any, where: str) -> None:

@@ -26,6 +26,7 @@ class SourceRow:
     caption: str | None
     fingerprint: str | None
     probe_version: str
+    labels: tuple[str, ...] = ()  # from the manifest (curation examples)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def _columns(cls: type) -> str:
 
 def previous_sources(conn: psycopg.Connection, batch: str) -> dict[str, SourceRow]:
     sql = f"SELECT {_columns(SourceRow)} FROM media_sources WHERE batch = %s"
-    return {row[1]: SourceRow(*row) for row in conn.execute(sql, (batch,))}
+    return {row[1]: SourceRow(*row[:-1], tuple(row[-1])) for row in conn.execute(sql, (batch,))}
 
 
 def replace_batch(
@@ -71,7 +72,7 @@ def replace_batch(
         conn.execute("DELETE FROM media_sources WHERE batch = %s", (batch,))
         with conn.cursor().copy(f"COPY media_sources ({_columns(SourceRow)}) FROM STDIN") as copy:
             for row in sources:
-                copy.write_row(astuple(row))
+                copy.write_row((*astuple(row)[:-1], list(row.labels)))
 
 
 def batch_catalog(conn: psycopg.Connection, batch: str) -> list[dict[str, Any]]:

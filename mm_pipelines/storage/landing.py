@@ -44,6 +44,17 @@ class RefusedPath:
 class ManifestEntry:
     caption: str | None = None
     tenant: str | None = None
+    labels: tuple[str, ...] = ()  # `"label": "unsafe"` or a list: examples for the curation heads
+
+
+def _labels(row: dict[str, Any]) -> tuple[str, ...]:
+    raw = row.get("label", row.get("labels"))
+    if raw is None:
+        return ()
+    values = [raw] if isinstance(raw, str) else raw
+    if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
+        raise TypeError(f"label must be a non-empty string or a list of them, got {raw!r}")
+    return tuple(sorted({v.strip() for v in values}))
 
 
 def is_control_name(relpath: str) -> bool:
@@ -66,7 +77,8 @@ class Landing(ABC):
     def _read_control(self, batch: str, name: str) -> bytes | None: ...
 
     def manifest(self, batch: str) -> dict[str, ManifestEntry]:
-        """Optional per-file captions and tenants: one JSON object per line with `path`."""
+        """Optional per-file captions, tenants and labels: one JSON object per line with
+        `path`."""
         raw = self._read_control(batch, MANIFEST)
         if raw is None:
             return {}
@@ -76,7 +88,9 @@ class Landing(ABC):
                 continue
             try:
                 row = json.loads(line)
-                entries[str(row["path"])] = ManifestEntry(row.get("caption"), row.get("tenant"))
+                entries[str(row["path"])] = ManifestEntry(
+                    row.get("caption"), row.get("tenant"), _labels(row)
+                )
             except (ValueError, KeyError, TypeError) as err:
                 raise ValueError(f"{MANIFEST} of batch {batch!r}, line {lineno}: {err}") from err
         return entries

@@ -127,14 +127,30 @@ class Filters:
     modalities: Sequence[str] | None = None
     item_kinds: Sequence[str] | None = None
     projector_version: str | None = None
+    encoder_version: str | None = None
+    # leave out what curation hides (flagged items, near-duplicates that are not their
+    # group's keeper): inside the scan, so k results still come back
+    hide_curated: bool = True
+
+
+# a row is hidden when its own content or its parent (the image of a caption, the video of a
+# frame, the document of a chunk) is in the tenant's curation_hidden view
+_NOT_HIDDEN = sql.SQL(
+    "NOT EXISTS (SELECT 1 FROM curation_hidden h WHERE h.tenant = unified_vectors.tenant "
+    "AND (h.content_hash = unified_vectors.content_hash "
+    "OR h.content_hash = unified_vectors.parent_hash))"
+)
 
 
 def _where(dim: int, filters: Filters) -> tuple[sql.Composable, list[Any]]:
     clauses = [sql.SQL("vector_dims(embedding) = {}").format(sql.Literal(int(dim)))]
+    if filters.hide_curated:
+        clauses.append(_NOT_HIDDEN)
     params: list[Any] = []
     for column, value, many in (
         ("tenant", filters.tenant, False),
         ("projector_version", filters.projector_version, False),
+        ("encoder_version", filters.encoder_version, False),
         ("batch", filters.batches, True),
         ("modality", filters.modalities, True),
         ("item_kind", filters.item_kinds, True),
@@ -187,6 +203,43 @@ def search(
         rows = cur.fetchall()
         _set_local(cur, _SEARCH_DEFAULTS)
     return rows
+
+
+def search_many(
+    conn: psycopg.Connection,
+    queries: np.ndarray,
+    k: int = 10,
+    filters: Filters | None = None,
+    *,
+    ef_search: int = 400,
+) -> list[list[dict[str, Any]]]:
+    """`search` for many queries in one statement (a LATERAL index scan per query): one
+    round trip and one settings change instead of a dozen per query. Best first per query."""
+    filters = filters or Filters()
+    q = np.asarray(queries, dtype=np.float32)
+    if len(q) == 0:
+        return []
+    dim = q.shape[1]
+    where, params = _where(dim, filters)
+    names = sql.SQL(", ").join(sql.Identifier(c) for c in COLUMNS if c != "embedding")
+    stmt = sql.SQL(
+        "SELECT q.i AS query_index, hits.*, 1 - hits.distance AS score "
+        "FROM unnest(%s::int[], %s::text[]) AS q(i, v) CROSS JOIN LATERAL ("
+        "SELECT id, {names}, {vec} <=> q.v::vector({dim}) AS distance FROM unified_vectors "
+        "WHERE {where} ORDER BY {vec} <=> q.v::vector({dim}) LIMIT {k}) AS hits "
+        "ORDER BY q.i, hits.distance"
+    ).format(names=names, vec=_vec(dim), dim=sql.Literal(dim), where=where, k=sql.Literal(int(k)))
+    texts = ["[" + ",".join(f"{x:.8g}" for x in row) + "]" for row in q]
+    mode = {"hnsw.ef_search": str(int(ef_search)), "hnsw.iterative_scan": "relaxed_order"}
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        _set_local(cur, mode)
+        cur.execute(stmt, [list(range(len(q))), texts, *params], prepare=False)
+        rows = cur.fetchall()
+        _set_local(cur, _SEARCH_DEFAULTS)
+    out: list[list[dict[str, Any]]] = [[] for _ in range(len(q))]
+    for r in rows:
+        out[r.pop("query_index")].append(r)
+    return out
 
 
 _SEARCH_DEFAULTS = {

@@ -87,6 +87,11 @@ def lora_training_set(
             "resolution": result.resolution,
             "subject_fingerprint": result.subject_fingerprint,
             "skipped": dg.MetadataValue.json([{"hash": h, "reason": r} for h, r in result.skipped]),
+            # curation: flagged items, near-duplicates, images under the subject's min_aesthetic
+            "left_out": dg.MetadataValue.json(
+                [{"hash": h, "reason": r} for h, r in result.left_out]
+            ),
+            "caption_sources": dg.MetadataValue.json(result.caption_sources),
             "preview": dg.MetadataValue.md(markdown_gallery(result.thumbnails)),
         }
     )

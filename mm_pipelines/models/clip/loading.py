@@ -129,6 +129,11 @@ def _model_version(architecture: str, checkpoint: str | None, seed: int) -> str:
     return f"{architecture}@{checkpoint}"  # a hub tag names its weights already
 
 
+def checkpoint_version(architecture: str, checkpoint: str | os.PathLike | None) -> str:
+    """The `model_version` load_clip gives, without loading the model (hashes the file)."""
+    return _model_version(architecture, None if checkpoint is None else os.fspath(checkpoint), 0)
+
+
 def _open_clip_args(architecture: str, checkpoint: str | None) -> tuple[str, str | None]:
     """(model_name, pretrained) as open_clip wants them."""
     if checkpoint is None:
