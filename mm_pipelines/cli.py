@@ -26,13 +26,22 @@ def run_job(
     run_config: dict | None = None,
 ) -> dict:
     """Run a job of the Definitions (optionally a subset of its assets) on the persistent
-    local instance, exactly as the UI would; return its metadata and check results."""
+    local instance, exactly as the UI would; return its metadata and check results.
+    Dead runs of earlier `mm` processes are recovered first (their pool slots freed); an
+    interrupted run raises KeyboardInterrupt once it has stopped."""
+    import socket
+
     import dagster as dg
 
     settings.prepare_dagster_home()
     from mm_pipelines.defs import defs
+    from mm_pipelines.defs.common import was_interrupted
+    from mm_pipelines.defs.partitions import check_partition_key
+    from mm_pipelines.defs.recovery import HOST_TAG, recover_dead_runs
 
     instance = dg.DagsterInstance.get()
+    tracker = _tracker_or_none()
+    recover_dead_runs(instance, tracker, log=lambda line: print(f"mm: {line}", flush=True))
     job_def = defs.resolve_job_def(job)
     pdef = job_def.partitions_def
     if (
@@ -40,6 +49,7 @@ def run_job(
         and isinstance(pdef, dg.DynamicPartitionsDefinition)
         and not instance.has_dynamic_partition(pdef.name, partition)
     ):
+        check_partition_key(pdef.name, partition)
         instance.add_dynamic_partitions(pdef.name, [partition])
     result = job_def.execute_in_process(
         partition_key=partition,
@@ -47,7 +57,10 @@ def run_job(
         raise_on_error=False,
         asset_selection=[dg.AssetKey(a) for a in assets] if assets else None,
         run_config=run_config,
+        tags={HOST_TAG: socket.gethostname()},  # lets a later `mm` judge if it died
     )
+    if was_interrupted(result.all_events):
+        raise KeyboardInterrupt(f"run {result.run_id} of {job} was interrupted and stopped")
     metadata: dict = {}
     for event in result.get_asset_materialization_events():
         mat = event.materialization
@@ -65,6 +78,16 @@ def run_job(
         "checks": checks,
         "failures": failures,
     }
+
+
+def _tracker_or_none():
+    """The MLflow tracker, to close runs a dead run left RUNNING (None: not configured)."""
+    from mm_pipelines.pipeline.services import Services
+
+    try:
+        return Services.from_settings().tracker
+    except Exception:  # recovery must not depend on it
+        return None
 
 
 def _printable(outcome: dict) -> dict:
@@ -388,7 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_db)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt as err:  # the run stopped; no retry, checkpoints kept
+        print(f"mm: {err or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
