@@ -195,11 +195,13 @@ def _print_quality(outcome: dict) -> None:
 
 
 def _demo_served_search(query: str) -> None:
-    """Start `mm serve` on the bundle just published, search through HTTP, stop it."""
+    """Start `mm serve` on the bundle just published, search through HTTP, stop it. It runs
+    without API keys (--no-auth), on loopback, for this one request: say so."""
     import subprocess
     import urllib.request
 
     cmd = [sys.executable, "-m", "mm_pipelines.cli", "serve", "--port", "0", "--no-audio"]
+    cmd += ["--no-auth"]
     cmd += ["--log-level", "warning"]  # its start-up lines would interleave with ours
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
@@ -216,6 +218,8 @@ def _demo_served_search(query: str) -> None:
         with urllib.request.urlopen(request, timeout=120) as response:
             answer = json.loads(response.read())
         print(f"\nServed by `mm serve` at {url} (bundle {answer['bundle_version']}):")
+        print("  (started with --no-auth for this demo; a real `mm serve` needs API keys:")
+        print("   mm keys create --tenant acme, then 'Authorization: Bearer <key>')")
         print(f'$ curl -s {url}/v1/search -d \'{{"query": "{query}", "tenant": "acme"}}\'')
         for hit in answer["hits"]:
             where = hit.get("source_uri") or hit.get("content_hash")
@@ -366,6 +370,62 @@ def _cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- mm keys
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    """API keys of `mm serve`: create (the token is printed once), list, revoke."""
+    from mm_pipelines.storage import api_keys
+    from mm_pipelines.storage.postgres import connect, embedded_dsn
+
+    dsn = settings.pg_dsn() or embedded_dsn(settings.embedded_pg_dir())
+    with connect(dsn) as conn:
+        if args.action == "create":
+            if args.admin == bool(args.tenant):
+                print("mm keys create: give --tenant T, or --admin", file=sys.stderr)
+                return 2
+            key, token = api_keys.create_key(
+                conn,
+                args.tenant,
+                admin=args.admin,
+                name=args.name,
+                rate_per_minute=args.rate_per_minute,
+                burst=args.burst,
+            )
+            scope = "admin" if key.admin else f"tenant {key.tenant!r}"
+            print(f"created key {key.key_id} ({scope}); it is shown once:", file=sys.stderr)
+            print(token)
+        elif args.action == "list":
+            for key in api_keys.list_keys(conn, args.tenant):
+                state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
+                print(
+                    f"{key.key_id}  {key.tenant or '(admin)':<16} {state:<18} "
+                    f"{key.rate_per_minute}/min burst {key.burst}  {key.name}"
+                )
+        else:
+            if not args.key:
+                print("mm keys revoke: give the key id", file=sys.stderr)
+                return 2
+            key_id = (api_keys.parse_token(args.key) or (args.key, ""))[0]
+            if not api_keys.revoke_key(conn, key_id, args.tenant):
+                print(f"mm keys revoke: no active key {key_id}", file=sys.stderr)
+                return 2
+            print(f"revoked key {key_id}")
+    return 0
+
+
+def _add_keys_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keys", help="API keys of mm serve: create, list, revoke")
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("key", nargs="?", help="revoke: the key id (or the whole key)")
+    p.add_argument("--tenant", help="the tenant the key serves (create), or a filter")
+    p.add_argument("--admin", action="store_true", help="create: a key for every tenant")
+    p.add_argument("--name", default="", help="create: a label (who holds it)")
+    p.add_argument("--rate-per-minute", type=int, default=600, help="create: default 600")
+    p.add_argument("--burst", type=int, default=60, help="create: requests at once, default 60")
+    p.set_defaults(func=_cmd_keys)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:  # the server owns its options (mm serve --help)
@@ -405,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("rollback", help="put a previously published serving bundle back online")
     p.add_argument("bundle_version")
     p.set_defaults(func=_cmd_rollback)
+
+    _add_keys_parser(sub)
 
     p = sub.add_parser("db", help="the embedded Postgres: print its DSN, or stop it")
     p.add_argument("action", choices=["dsn", "stop"])

@@ -29,10 +29,10 @@ from mm_pipelines.storage.landing import (
     Landing,
     LandingFile,
     ManifestEntry,
-    storable_text_problem,
 )
 from mm_pipelines.storage.media_store import MediaStore, sha256_file
 from mm_pipelines.storage.postgres import connect
+from mm_pipelines.storage.text import storable_text_problem
 
 _log = logging.getLogger(__name__)
 

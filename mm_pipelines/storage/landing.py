@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from mm_pipelines.storage.text import storable_text_problem
+
 READY_MARKER = "_READY"
 MANIFEST = "_manifest.jsonl"
 BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -50,17 +52,6 @@ class ManifestEntry:
 
 def is_control_name(relpath: str) -> bool:
     return any(part.startswith(("_", ".")) for part in PurePosixPath(relpath).parts)
-
-
-def storable_text_problem(value: str) -> str | None:
-    """Why Postgres (UTF-8 text) cannot store `value`, or None."""
-    if "\x00" in value:
-        return "contains a NUL character"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return "contains a lone surrogate (not valid Unicode)"
-    return None
 
 
 def _manifest_value(row: dict, name: str) -> str | None:
