@@ -218,12 +218,12 @@ def _demo_served_search(query: str) -> None:
         with urllib.request.urlopen(request, timeout=120) as response:
             answer = json.loads(response.read())
         print(f"\nServed by `mm serve` at {url} (bundle {answer['bundle_version']}):")
-        print("  (started with --no-auth for this demo; a real `mm serve` needs API keys:")
-        print("   mm keys create --tenant acme, then 'Authorization: Bearer <key>')")
         print(f'$ curl -s {url}/v1/search -d \'{{"query": "{query}", "tenant": "acme"}}\'')
         for hit in answer["hits"]:
             where = hit.get("source_uri") or hit.get("content_hash")
             print(f"  {hit.get('item_kind', ''):<12} {hit['score']:.3f}  {where}")
+        print("(this demo server ran with --no-auth, no API keys; `mm serve` needs them:")
+        print(" mm keys create --tenant acme, then send 'Authorization: Bearer <key>')")
         print("Start it yourself with:  mm serve   (http://127.0.0.1:8000)")
     finally:
         server.terminate()

@@ -4,12 +4,9 @@ whitespace-only text, a `..` key) never takes its batch down."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import subprocess
 import threading
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote
@@ -24,6 +21,7 @@ from mm_pipelines.pipeline.probe import Limits
 from mm_pipelines.storage.landing import LocalLanding, S3Landing
 from mm_pipelines.storage.media_store import LocalMediaStore, sha256_bytes
 from mm_pipelines_tests import bad_media
+from mm_pipelines_tests.small_disk import SmallDisk, small_disk_at
 
 
 def make_batch(landing: Path, name: str, files: dict[str, bytes]) -> Path:
@@ -54,82 +52,9 @@ def ten_images() -> dict[str, bytes]:
     return {f"img{i}.jpg": bad_media.jpeg_bytes(size=384, seed=i) for i in range(10)}
 
 
-# --------------------------------------------------------------------------- a small disk
-
-
-def _mount_tmpfs(target: Path, size: str) -> bool:
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
-        capture_output=True,
-        text=True,
-    )
-    return done.returncode == 0
-
-
-class SmallDisk:
-    """A real 1 MB tmpfs when this machine lets us mount one (root, as CI runs). Without the
-    right to mount, ENOSPC/EROFS are raised at the store's write boundary instead (the
-    first write that fails), and a warning says so."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        root.mkdir()
-        self.mounted = _mount_tmpfs(root, "1m")
-        self.injected: int | None = None
-        if not self.mounted:
-            warnings.warn(
-                "tmpfs cannot be mounted here: disk faults are injected as OSError at the "
-                "media store's write boundary instead",
-                stacklevel=2,
-            )
-
-    def _remount(self, options: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,{options}", str(self.root)], check=True)
-
-    def grow(self) -> None:
-        if self.mounted:
-            self._remount("size=64m")
-        self.injected = None
-
-    def read_only(self) -> None:
-        if self.mounted:
-            self._remount("ro")
-        else:
-            self.injected = errno.EROFS
-
-    def writable(self) -> None:
-        if self.mounted:
-            self._remount("rw")
-        self.injected = None
-
-    def full(self) -> None:
-        if not self.mounted:
-            self.injected = errno.ENOSPC
-
-    def unmount(self) -> None:
-        if self.mounted:
-            subprocess.run(["umount", "-l", str(self.root)], check=False)
-
-
 @pytest.fixture
 def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SmallDisk]:
-    disk = SmallDisk(tmp_path / "disk")
-    if not disk.mounted:
-        import shutil as real_shutil
-
-        from mm_pipelines.storage import media_store
-
-        original = real_shutil.copyfile
-
-        def copyfile(src, dst, *args, **kwargs):
-            if disk.injected is not None and str(dst).startswith(str(disk.root)):
-                raise OSError(disk.injected, os.strerror(disk.injected), str(dst))
-            return original(src, dst, *args, **kwargs)
-
-        monkeypatch.setattr(media_store.shutil, "copyfile", copyfile)
-    disk.full()
-    yield disk
-    disk.unmount()
+    yield from small_disk_at(tmp_path / "disk", monkeypatch)
 
 
 def test_a_full_store_fails_the_batch_and_records_nothing(tmp_path, pg_dsn, small_disk):
