@@ -312,10 +312,10 @@ def test_a_full_store_fails_raw_media_once_and_a_rerun_lands_every_file(
 
 
 def unified_frame() -> pd.DataFrame:
-    """What `unified_embeddings` hands `vector_index`: 3,000 items of two tenants."""
+    """What `unified_embeddings` hands `vector_index`: 1,000 items of two tenants."""
     rng = np.random.default_rng(0)
     rows = []
-    for i in range(3000):
+    for i in range(1000):
         vec = rng.standard_normal(64).astype(np.float32)
         rows.append(
             {
@@ -369,7 +369,7 @@ def test_postgres_killed_inside_vector_index_recovers_to_the_clean_index(killabl
     with dg.instance_for_test() as instance:
         assert index(instance, clean).success
     want = index_rows(clean)
-    assert len(want) == 3000
+    assert len(want) == 1000
     dsn = killable.database()
     killer = KillWhenBlocked(
         killable, dsn, "unified_vectors", "DELETE FROM unified_vectors"

@@ -72,10 +72,35 @@ def later() -> None:
     interrupted run must not go on with it."""
 
 
+ROOT_VAR = "MM_FAULT_TEST_ROOT"  # how a step process of the run worker finds the test's files
+
+
+def interrupt_job() -> dg.JobDefinition:
+    """The interruptible assets as a job of a run worker: the multiprocess executor runs
+    each step in a process of its own, as `dagster dev` and the daemon do."""
+    defs = dg.Definitions(
+        assets=[interruptible, downstream, later],
+        jobs=[dg.define_asset_job("interrupt_job")],
+        resources={"mlflow_tracking": _tracking(Path(os.environ[ROOT_VAR]))},
+        executor=dg.multiprocess_executor,
+    )
+    return defs.resolve_job_def("interrupt_job")
+
+
 def _child(ref: InstanceRef, asset: str, marker: str, root: str) -> None:
-    """One run worker: its own process and instance handle, as a launched run."""
+    """One run: its own process and instance handle, as a launched run. `run_worker`:
+    through the multiprocess executor; otherwise in-process, as `mm` runs jobs."""
     assets = {"gpu_hog": [gpu_hog], "interruptible": [interruptible, downstream, later]}
     with dg.DagsterInstance.from_ref(ref) as instance:
+        if asset == "run_worker":
+            os.environ[ROOT_VAR] = root
+            dg.execute_job(
+                dg.reconstructable(interrupt_job),
+                instance=instance,
+                tags={"marker": marker},
+                raise_on_error=False,
+            )
+            return
         dg.materialize(
             assets[asset],
             instance=instance,
@@ -154,9 +179,17 @@ def test_the_dead_run_sensor_frees_the_pool_where_a_daemon_runs(instance, tmp_pa
 # --------------------------------------------------------------------------- interrupts
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_an_interrupt_stops_the_run_instead_of_retrying(instance, tmp_path, sig):
-    proc, run_id = _start(instance, "interruptible", tmp_path)
+@pytest.mark.parametrize(
+    ("sig", "how"),
+    [
+        (signal.SIGINT, "interruptible"),
+        (signal.SIGTERM, "interruptible"),
+        (signal.SIGTERM, "run_worker"),
+    ],
+    ids=["SIGINT-in-process", "SIGTERM-in-process", "SIGTERM-run-worker"],
+)
+def test_an_interrupt_stops_the_run_instead_of_retrying(instance, tmp_path, sig, how):
+    proc, run_id = _start(instance, how, tmp_path)
     os.kill(proc.pid, sig)
     proc.join(120)
     events = _events(instance, run_id)
