@@ -110,6 +110,12 @@ def _child(ref: InstanceRef, asset: str, marker: str, root: str) -> None:
         )
 
 
+@pytest.fixture(scope="module")
+def mlflow_root(tmp_path_factory) -> Path:
+    """One MLflow store for the module (a fresh sqlite store costs seconds of migrations)."""
+    return tmp_path_factory.mktemp("run_faults")
+
+
 @pytest.fixture
 def instance() -> Iterator[dg.DagsterInstance]:
     """A persistent sqlite instance (children open it by reference) with a gpu pool of 1."""
@@ -119,7 +125,7 @@ def instance() -> Iterator[dg.DagsterInstance]:
 
 
 def _start(instance: dg.DagsterInstance, asset: str, root: Path) -> tuple[Any, str]:
-    marker = root / f"{asset}.started"
+    marker = root / f"{asset}-{time.monotonic_ns()}.started"
     ctx = multiprocessing.get_context("spawn")
     proc = ctx.Process(target=_child, args=(instance.get_ref(), asset, str(marker), str(root)))
     proc.start()
@@ -132,10 +138,12 @@ def _start(instance: dg.DagsterInstance, asset: str, root: Path) -> tuple[Any, s
     return proc, run.run_id
 
 
-def _mlflow_statuses(root: Path) -> list[str]:
+def _mlflow_statuses(root: Path, run_id: str) -> list[str]:
+    """Statuses of the MLflow runs the Dagster run `run_id` opened."""
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name(TRACKING_EXPERIMENT)
-    return [r.info.status for r in client.search_runs([exp.experiment_id])]
+    found = client.search_runs([exp.experiment_id], f"tags.`dagster.run_id` = '{run_id}'")
+    return [r.info.status for r in found]
 
 
 def _events(instance: dg.DagsterInstance, run_id: str) -> list[str]:
@@ -145,35 +153,38 @@ def _events(instance: dg.DagsterInstance, run_id: str) -> list[str]:
 # --------------------------------------------------------------------------- a killed run
 
 
-def test_a_killed_run_no_longer_holds_the_gpu_pool(instance, tmp_path):
-    proc, run_id = _start(instance, "gpu_hog", tmp_path)
+def test_a_killed_run_no_longer_holds_the_gpu_pool(instance, mlflow_root):
+    proc, run_id = _start(instance, "gpu_hog", mlflow_root)
     assert recover_dead_runs(instance) == []  # alive: left alone
     os.kill(proc.pid, signal.SIGKILL)  # as the OOM killer would
     proc.join(30)
     info = instance.event_log_storage.get_concurrency_info("gpu")
     assert info.claimed_slots and info.claimed_slots[0].run_id == run_id  # wedged
     assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.STARTED
-    lines: list[str] = []
-    freed = recover_dead_runs(instance, tracker=_tracking(tmp_path).get_tracker(), log=lines.append)
-    assert [r.run_id for r in freed] == [run_id]
-    assert any(run_id in line and "gpu" in line for line in lines), lines
-    assert instance.event_log_storage.get_concurrency_info("gpu").claimed_slots == []
-    assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE
-    assert _mlflow_statuses(tmp_path) == ["KILLED"]  # not RUNNING forever
-    after = dg.materialize([gpu_after], instance=instance)  # would wait forever before
-    assert after.success
-
-
-def test_the_dead_run_sensor_frees_the_pool_where_a_daemon_runs(instance, tmp_path):
-    proc, run_id = _start(instance, "gpu_hog", tmp_path)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.join(30)
+    # a tick of the sensor, as the daemon runs it (`mm` calls the same recover_dead_runs)
     ctx = dg.build_sensor_context(
-        instance=instance, resources={"mlflow_tracking": _tracking(tmp_path)}
+        instance=instance, resources={"mlflow_tracking": _tracking(mlflow_root)}
     )
     tick = dead_run_sensor(ctx)
     assert isinstance(tick, dg.SkipReason) and run_id in tick.skip_message
     assert instance.event_log_storage.get_concurrency_info("gpu").claimed_slots == []
+    assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE
+    assert _mlflow_statuses(mlflow_root, run_id) == ["KILLED"]  # not RUNNING forever
+    after = dg.materialize([gpu_after], instance=instance)  # would wait forever before
+    assert after.success
+
+
+def test_recovery_says_which_run_and_pool_it_freed(instance):
+    """What `mm` prints before a run (and the sensor logs): one line per run freed; here a
+    run that ended but whose worker was killed before it gave its slot back."""
+    storage = instance.event_log_storage
+    run_id = dg.materialize([gpu_after], instance=instance).run_id
+    storage.claim_concurrency_slot("gpu", run_id, "gpu_after")  # never given back
+    lines: list[str] = []
+    freed = recover_dead_runs(instance, log=lines.append)
+    assert [r.run_id for r in freed] == [run_id] and freed[0].pools == ("gpu",)
+    assert len(lines) == 1 and run_id in lines[0] and "pool(s) gpu" in lines[0]
+    assert storage.get_concurrency_info("gpu").claimed_slots == []
 
 
 # --------------------------------------------------------------------------- interrupts
@@ -181,15 +192,11 @@ def test_the_dead_run_sensor_frees_the_pool_where_a_daemon_runs(instance, tmp_pa
 
 @pytest.mark.parametrize(
     ("sig", "how"),
-    [
-        (signal.SIGINT, "interruptible"),
-        (signal.SIGTERM, "interruptible"),
-        (signal.SIGTERM, "run_worker"),
-    ],
-    ids=["SIGINT-in-process", "SIGTERM-in-process", "SIGTERM-run-worker"],
+    [(signal.SIGINT, "interruptible"), (signal.SIGTERM, "run_worker")],
+    ids=["SIGINT-in-process", "SIGTERM-run-worker"],
 )
-def test_an_interrupt_stops_the_run_instead_of_retrying(instance, tmp_path, sig, how):
-    proc, run_id = _start(instance, how, tmp_path)
+def test_an_interrupt_stops_the_run_instead_of_retrying(instance, mlflow_root, sig, how):
+    proc, run_id = _start(instance, how, mlflow_root)
     os.kill(proc.pid, sig)
     proc.join(120)
     events = _events(instance, run_id)
@@ -204,7 +211,7 @@ def test_an_interrupt_stops_the_run_instead_of_retrying(instance, tmp_path, sig,
         dg.DagsterRunStatus.FAILURE,
         dg.DagsterRunStatus.CANCELED,
     )
-    assert _mlflow_statuses(tmp_path) == ["KILLED"]
+    assert _mlflow_statuses(mlflow_root, run_id) == ["KILLED"]
 
 
 def test_every_retried_asset_stops_on_an_interrupt():
