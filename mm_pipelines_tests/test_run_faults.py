@@ -129,7 +129,7 @@ def _start(instance: dg.DagsterInstance, asset: str, root: Path) -> tuple[Any, s
     ctx = multiprocessing.get_context("spawn")
     proc = ctx.Process(target=_child, args=(instance.get_ref(), asset, str(marker), str(root)))
     proc.start()
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600  # a run worker imports, then a step process does
     while not marker.exists():
         assert proc.is_alive(), f"the {asset} run died before its step started"
         assert time.monotonic() < deadline, f"the {asset} step never started"
