@@ -119,8 +119,11 @@ class ConnectionPool:
             conn.close()
 
     def close(self) -> None:
-        while not self._idle.empty():
-            self._idle.get_nowait().close()
+        while True:  # other threads take and return connections meanwhile
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
 
 
 class ApiError(Exception):
