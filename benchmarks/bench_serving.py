@@ -42,8 +42,9 @@ TENANT = "acme"
 # ----------------------------------------------------------------------------- client
 
 
-def run_client(url: str, path: str, n: int, concurrency: int, kind: str) -> dict:
-    """The load generator (runs in its own process): n requests, `concurrency` at a time."""
+def run_client(url: str, path: str, n: int, concurrency: int, kind: str, token: str) -> dict:
+    """The load generator (runs in its own process): n requests, `concurrency` at a time,
+    with the API key `token` ("-": none, for a server started with --no-auth)."""
     host, port = url.removeprefix("http://").split(":")
     latencies: list[float] = []
     failures = 0
@@ -55,6 +56,10 @@ def run_client(url: str, path: str, n: int, concurrency: int, kind: str) -> dict
         doc = {"text": q} if kind == "embeddings" else {"query": q, "tenant": TENANT, "k": 10}
         return json.dumps(doc).encode()
 
+    headers = {"Content-Type": "application/json"}
+    if token != "-":
+        headers["Authorization"] = f"Bearer {token}"
+
     def worker() -> None:
         nonlocal failures
         conn = http.client.HTTPConnection(host, int(port), timeout=60)
@@ -64,7 +69,7 @@ def run_client(url: str, path: str, n: int, concurrency: int, kind: str) -> dict
             if i is None:
                 break
             t0 = time.perf_counter()
-            conn.request("POST", path, body(i), {"Content-Type": "application/json"})
+            conn.request("POST", path, body(i), headers)
             resp = conn.getresponse()
             resp.read()
             dt = time.perf_counter() - t0
@@ -147,11 +152,11 @@ def fill_catalog(dsn: str, models, n_rows: int) -> None:
         replace_batch(conn, "bench", rows)
 
 
-def start_server(store: Path, dsn: str, workers: int) -> tuple[subprocess.Popen, str]:
+def start_server(store: Path, dsn: str, workers: int, auth: bool) -> tuple[subprocess.Popen, str]:
     args = [
         sys.executable, "-m", "mm_pipelines.serving.server", "--store", str(store),
         "--port", "0", "--dsn", dsn, "--no-audio", "--no-diffusion", "--log-level", "warning",
-        "--workers", str(workers),
+        "--workers", str(workers), *([] if auth else ["--no-auth"]),
     ]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
@@ -161,9 +166,18 @@ def start_server(store: Path, dsn: str, workers: int) -> tuple[subprocess.Popen,
     return proc, line.split("listening on ", 1)[1].split()[0]
 
 
-def http_pass(url: str, kind: str, n: int, concurrency: int) -> dict:
+def admin_key(dsn: str) -> str:
+    """An admin API key with a limit the benchmark never reaches (as `mm keys create`)."""
+    from mm_pipelines.storage import api_keys
+    from mm_pipelines.storage.postgres import connect
+
+    with connect(dsn) as conn:
+        return api_keys.create_key(conn, None, admin=True, rate_per_minute=10**8, burst=10**6)[1]
+
+
+def http_pass(url: str, kind: str, n: int, concurrency: int, token: str) -> dict:
     path = {"embeddings": "/v1/embeddings", "search": "/v1/search"}[kind]
-    cmd = [sys.executable, __file__, "--client", url, path, str(n), str(concurrency), kind]
+    cmd = [sys.executable, __file__, "--client", url, path, str(n), str(concurrency), kind, token]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
@@ -199,11 +213,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--arch", default="mm-tiny-clip", help="open_clip architecture")
-    parser.add_argument("--client", nargs=5, metavar=("URL", "PATH", "N", "C", "KIND"))
+    parser.add_argument(
+        "--no-auth", action="store_true", help="serve without API keys (default: an admin key)"
+    )
+    parser.add_argument("--client", nargs=6, metavar=("URL", "PATH", "N", "C", "KIND", "TOKEN"))
     args = parser.parse_args()
     if args.client:
-        url, path, n, c, kind = args.client
-        print(json.dumps(run_client(url, path, int(n), int(c), kind)))
+        url, path, n, c, kind, token = args.client
+        print(json.dumps(run_client(url, path, int(n), int(c), kind, token)))
         return
 
     import pgserver
@@ -228,15 +245,16 @@ def main() -> None:
             "embeddings": models.embed_text,
             "search": lambda q: pool.run(lambda conn: models.search(conn, q, 10, tenant=TENANT)),
         }
-        proc, url = start_server(root / "store", dsn, workers)
+        token = "-" if args.no_auth else admin_key(dsn)
+        proc, url = start_server(root / "store", dsn, workers, not args.no_auth)
         results = {}
         try:
             for kind, fn in calls.items():
                 warm = min(50, args.requests)
                 in_process_pass(fn, warm, args.concurrency)  # first-call costs, both paths
-                http_pass(url, kind, warm, args.concurrency)
+                http_pass(url, kind, warm, args.concurrency, token)
                 before = in_process_pass(fn, args.requests, args.concurrency)
-                http = http_pass(url, kind, args.requests, args.concurrency)
+                http = http_pass(url, kind, args.requests, args.concurrency, token)
                 after = in_process_pass(fn, args.requests, args.concurrency)
                 local = _mean_pass(before, after)
                 results[kind] = {
@@ -257,6 +275,7 @@ def main() -> None:
                 "server": "uvicorn + starlette, 1 process, "
                 f"{workers} model threads, 1 torch thread each",
                 "client": "a second process, keep-alive http.client connections",
+                "api_keys": "off (--no-auth)" if args.no_auth else "on (an admin key)",
                 "requests": args.requests,
                 "concurrency": args.concurrency,
                 "catalog_rows": args.rows,

@@ -26,13 +26,22 @@ def run_job(
     run_config: dict | None = None,
 ) -> dict:
     """Run a job of the Definitions (optionally a subset of its assets) on the persistent
-    local instance, exactly as the UI would; return its metadata and check results."""
+    local instance, exactly as the UI would; return its metadata and check results.
+    Dead runs of earlier `mm` processes are recovered first (their pool slots freed); an
+    interrupted run raises KeyboardInterrupt once it has stopped."""
+    import socket
+
     import dagster as dg
 
     settings.prepare_dagster_home()
     from mm_pipelines.defs import defs
+    from mm_pipelines.defs.common import was_interrupted
+    from mm_pipelines.defs.partitions import check_partition_key
+    from mm_pipelines.defs.recovery import HOST_TAG, recover_dead_runs
 
     instance = dg.DagsterInstance.get()
+    tracker = _tracker_or_none()
+    recover_dead_runs(instance, tracker, log=lambda line: print(f"mm: {line}", flush=True))
     job_def = defs.resolve_job_def(job)
     pdef = job_def.partitions_def
     if (
@@ -40,6 +49,7 @@ def run_job(
         and isinstance(pdef, dg.DynamicPartitionsDefinition)
         and not instance.has_dynamic_partition(pdef.name, partition)
     ):
+        check_partition_key(pdef.name, partition)
         instance.add_dynamic_partitions(pdef.name, [partition])
     result = job_def.execute_in_process(
         partition_key=partition,
@@ -47,7 +57,10 @@ def run_job(
         raise_on_error=False,
         asset_selection=[dg.AssetKey(a) for a in assets] if assets else None,
         run_config=run_config,
+        tags={HOST_TAG: socket.gethostname()},  # lets a later `mm` judge if it died
     )
+    if was_interrupted(result.all_events):
+        raise KeyboardInterrupt(f"run {result.run_id} of {job} was interrupted and stopped")
     metadata: dict = {}
     for event in result.get_asset_materialization_events():
         mat = event.materialization
@@ -65,6 +78,16 @@ def run_job(
         "checks": checks,
         "failures": failures,
     }
+
+
+def _tracker_or_none():
+    """The MLflow tracker, to close runs a dead run left RUNNING (None: not configured)."""
+    from mm_pipelines.pipeline.services import Services
+
+    try:
+        return Services.from_settings().tracker
+    except Exception:  # recovery must not depend on it
+        return None
 
 
 def _printable(outcome: dict) -> dict:
@@ -188,11 +211,13 @@ def _print_quality(outcome: dict) -> None:
 
 
 def _demo_served_search(query: str) -> None:
-    """Start `mm serve` on the bundle just published, search through HTTP, stop it."""
+    """Start `mm serve` on the bundle just published, search through HTTP, stop it. It runs
+    without API keys (--no-auth), on loopback, for this one request: say so."""
     import subprocess
     import urllib.request
 
     cmd = [sys.executable, "-m", "mm_pipelines.cli", "serve", "--port", "0", "--no-audio"]
+    cmd += ["--no-auth"]
     cmd += ["--log-level", "warning"]  # its start-up lines would interleave with ours
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
@@ -213,6 +238,8 @@ def _demo_served_search(query: str) -> None:
         for hit in answer["hits"]:
             where = hit.get("source_uri") or hit.get("content_hash")
             print(f"  {hit.get('item_kind', ''):<12} {hit['score']:.3f}  {where}")
+        print("(this demo server ran with --no-auth, no API keys; `mm serve` needs them:")
+        print(" mm keys create --tenant acme, then send 'Authorization: Bearer <key>')")
         print("Start it yourself with:  mm serve   (http://127.0.0.1:8000)")
     finally:
         server.terminate()
@@ -359,6 +386,62 @@ def _cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- mm keys
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    """API keys of `mm serve`: create (the token is printed once), list, revoke."""
+    from mm_pipelines.storage import api_keys
+    from mm_pipelines.storage.postgres import connect, embedded_dsn
+
+    dsn = settings.pg_dsn() or embedded_dsn(settings.embedded_pg_dir())
+    with connect(dsn) as conn:
+        if args.action == "create":
+            if args.admin == bool(args.tenant):
+                print("mm keys create: give --tenant T, or --admin", file=sys.stderr)
+                return 2
+            key, token = api_keys.create_key(
+                conn,
+                args.tenant,
+                admin=args.admin,
+                name=args.name,
+                rate_per_minute=args.rate_per_minute,
+                burst=args.burst,
+            )
+            scope = "admin" if key.admin else f"tenant {key.tenant!r}"
+            print(f"created key {key.key_id} ({scope}); it is shown once:", file=sys.stderr)
+            print(token)
+        elif args.action == "list":
+            for key in api_keys.list_keys(conn, args.tenant):
+                state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
+                print(
+                    f"{key.key_id}  {key.tenant or '(admin)':<16} {state:<18} "
+                    f"{key.rate_per_minute}/min burst {key.burst}  {key.name}"
+                )
+        else:
+            if not args.key:
+                print("mm keys revoke: give the key id", file=sys.stderr)
+                return 2
+            key_id = (api_keys.parse_token(args.key) or (args.key, ""))[0]
+            if not api_keys.revoke_key(conn, key_id, args.tenant):
+                print(f"mm keys revoke: no active key {key_id}", file=sys.stderr)
+                return 2
+            print(f"revoked key {key_id}")
+    return 0
+
+
+def _add_keys_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keys", help="API keys of mm serve: create, list, revoke")
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("key", nargs="?", help="revoke: the key id (or the whole key)")
+    p.add_argument("--tenant", help="the tenant the key serves (create), or a filter")
+    p.add_argument("--admin", action="store_true", help="create: a key for every tenant")
+    p.add_argument("--name", default="", help="create: a label (who holds it)")
+    p.add_argument("--rate-per-minute", type=int, default=600, help="create: default 600")
+    p.add_argument("--burst", type=int, default=60, help="create: requests at once, default 60")
+    p.set_defaults(func=_cmd_keys)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:  # the server owns its options (mm serve --help)
@@ -399,12 +482,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bundle_version")
     p.set_defaults(func=_cmd_rollback)
 
+    _add_keys_parser(sub)
+
     p = sub.add_parser("db", help="the embedded Postgres: print its DSN, or stop it")
     p.add_argument("action", choices=["dsn", "stop"])
     p.set_defaults(func=_cmd_db)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt as err:  # the run stopped; no retry, checkpoints kept
+        print(f"mm: {err or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

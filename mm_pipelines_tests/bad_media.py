@@ -45,6 +45,21 @@ def decompression_bomb_png(side: int = 12_000) -> bytes:
     )
 
 
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels and holds almost no data: Pillow refuses it
+    at open() when it declares more than twice Pillow's MAX_IMAGE_PIXELS."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * (width + 1))  # one row; the rest is missing
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
 def write_mp4(
     path: Path, seconds: float = 2.0, with_audio: bool = True, faststart: bool = False
 ) -> None:

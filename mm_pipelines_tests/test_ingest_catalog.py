@@ -97,6 +97,7 @@ def test_two_batches_sharing_content_ingest_at_the_same_time(tmp_path, pg_dsn):
         )
     assert [r.ok for r in reports] == [6, 7]
     assert len(stored_objects(tmp_path / "store")) == 7
+    assert sum(r.new_objects for r in reports) == 7  # each stored object counted once
     with psycopg.connect(pg_dsn) as conn:
         assert conn.execute("SELECT count(*) FROM media_objects").fetchone()[0] == 7
 

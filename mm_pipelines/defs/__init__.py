@@ -30,6 +30,7 @@ from mm_pipelines.defs.ingest import checks as ingest_checks  # noqa: E402
 from mm_pipelines.defs.ingest.jobs import batch_pipeline  # noqa: E402
 from mm_pipelines.defs.ingest.sensors import landing_sensor  # noqa: E402
 from mm_pipelines.defs.k8s import executor_from_env  # noqa: E402
+from mm_pipelines.defs.recovery import dead_run_sensor  # noqa: E402
 from mm_pipelines.defs.resources import build_resources  # noqa: E402
 from mm_pipelines.defs.serve import assets as serve_assets  # noqa: E402
 from mm_pipelines.defs.serve.jobs import export_online_model_job  # noqa: E402
@@ -59,7 +60,7 @@ defs = dg.Definitions(
         export_online_model_job,
         reevaluate_quality_job,
     ],
-    sensors=[landing_sensor, subjects_sensor, serving_sensor],
+    sensors=[landing_sensor, subjects_sensor, serving_sensor, dead_run_sensor],
     schedules=[nightly_quality_review],
     resources=build_resources(),
     executor=executor_from_env(),  # k8s_job_executor (one pod per step) when MM_EXECUTOR=k8s

@@ -3,6 +3,10 @@
 A bad file becomes a quarantined row with a reason; it never stops the batch. Files whose
 fingerprint (size + mtime, or ETag) and probe version are unchanged since the last run of
 the batch are not read again, which makes a re-run of an unchanged batch cheap.
+
+A failure of our own infrastructure (full or read-only store, S3 or landing unreachable)
+is not a file's fault: it raises `InfrastructureError`, and nothing of the batch is
+recorded, so the re-run after the fix ingests every file.
 """
 
 from __future__ import annotations
@@ -13,15 +17,28 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+from mm_pipelines.pipeline.faults import InfrastructureError, classify
 from mm_pipelines.pipeline.probe import PROBE_VERSION, Limits, Quarantine, probe
 from mm_pipelines.storage import catalog
 from mm_pipelines.storage.catalog import ObjectRow, SourceRow
-from mm_pipelines.storage.landing import MANIFEST, Landing, LandingFile, ManifestEntry
+from mm_pipelines.storage.landing import (
+    MANIFEST,
+    READY_MARKER,
+    Landing,
+    LandingFile,
+    ManifestEntry,
+)
 from mm_pipelines.storage.media_store import MediaStore, sha256_file
 from mm_pipelines.storage.postgres import connect
+from mm_pipelines.storage.text import storable_text_problem
 
 _log = logging.getLogger(__name__)
+
+
+class BatchNotReady(ValueError):
+    """The batch has no `_READY` marker and ingestion was not forced."""
 
 
 @dataclass
@@ -90,9 +107,19 @@ def ingest_batch(
     tenant: str = "default",
     workers: int = 4,
     progress: ProgressFn | None = None,
+    require_ready: bool = False,
 ) -> IngestReport:
+    """`require_ready`: refuse a batch without its `_READY` marker (it may still be
+    uploading): what a materialization does unless forced."""
     started = time.perf_counter()
     limits = limits or Limits()
+    if problem := storable_text_problem(tenant):
+        raise ValueError(f"the default tenant {tenant!r} {problem}")
+    if require_ready and not landing.is_ready(batch):
+        raise BatchNotReady(
+            f"batch {batch!r} has no {READY_MARKER} marker: it may still be uploading. Add the "
+            f"marker when it is complete, or force the ingestion (raw_media config force: true)"
+        )
     files, refused = landing.list_batch(batch)
     manifest, manifest_error = _read_manifest(landing, batch)
     with connect(dsn) as conn:
@@ -116,7 +143,15 @@ def ingest_batch(
         for future in as_completed(futures):
             item = futures[future]
             entry = manifest.get(item.relpath, ManifestEntry())
-            source, obj, stored = future.result()
+            try:
+                source, obj, stored = future.result()
+            except InfrastructureError as err:
+                pool.shutdown(wait=True, cancel_futures=True)  # the rest would fail alike
+                raise InfrastructureError(
+                    f"batch {batch!r} not ingested, nothing recorded: {err}. Fix it and "
+                    "re-run: every file is picked up again",
+                    retriable=err.retriable,
+                ) from err
             report.rows.append(_with_manifest(source, entry, tenant))
             report.bytes_read += item.size
             if obj is not None:
@@ -158,13 +193,17 @@ def _unchanged(old: SourceRow | None, item: LandingFile) -> bool:
 def _read_manifest(
     landing: Landing, batch: str
 ) -> tuple[dict[str, ManifestEntry], SourceRow | None]:
+    """The manifest's good lines; its bad lines (or an unreadable manifest) become one
+    `bad_manifest` row naming each of them."""
     try:
-        return landing.manifest(batch), None
+        entries, problems = landing.read_manifest(batch)
     except (ValueError, UnicodeDecodeError) as err:
-        _log.warning("ignoring the manifest of batch %s: %s", batch, err)
-        return {}, _refused_row(
-            batch, MANIFEST, f"manifest ignored: {err}", "default", "bad_manifest"
-        )
+        entries, problems = {}, [f"manifest ignored: {err}"]
+    if not problems:
+        return entries, None
+    message = "; ".join(problems)
+    _log.warning("manifest of batch %s: %s", batch, message)
+    return entries, _refused_row(batch, MANIFEST, message, "default", "bad_manifest")
 
 
 def _refused_row(
@@ -191,20 +230,27 @@ def _refused_row(
 def _ingest_one(
     landing: Landing, item: LandingFile, store: MediaStore, limits: Limits
 ) -> tuple[SourceRow, ObjectRow | None, bool]:
-    """Hash, probe and store one file. Never raises: failures become quarantined rows."""
+    """Hash, probe and store one file. A file's failure becomes a quarantined row; a
+    failure of ours (store, landing, disk) raises InfrastructureError."""
     content_hash: str | None = None
     try:
         with landing.local_file(item) as path:
             content_hash = sha256_file(path)
             found = probe(path, item.relpath, limits)
-            stored = store.put_file(path, content_hash)
+            stored = _store(store, path, content_hash, item)
+    except InfrastructureError:
+        raise
     except Quarantine as q:
         return _quarantined(item, content_hash, q.category, q.message), None, False
-    except PermissionError as err:
-        return _quarantined(item, content_hash, "path_refused", str(err)), None, False
+    except PermissionError as err:  # the landing file is unreadable to us: re-tried each run
+        return _quarantined(item, content_hash, "path_refused", str(err), False), None, False
     except Exception as err:  # one bad file must not take the batch down
+        infra = classify(err, f"reading {item.uri} from the landing area")
+        if infra is not None:
+            raise infra from err
         _log.exception("unexpected error ingesting %s", item.uri)
-        return _quarantined(item, content_hash, "internal_error", repr(err)), None, False
+        # no fingerprint: a bug of ours is not remembered as the file's fault
+        return _quarantined(item, content_hash, "internal_error", repr(err), False), None, False
     source = SourceRow(
         item.batch,
         item.uri,
@@ -238,9 +284,25 @@ def _ingest_one(
     return source, obj, stored
 
 
+def _store(store: MediaStore, path: Path, content_hash: str, item: LandingFile) -> bool:
+    """Put one object; any failure here is the store's, never the file's."""
+    try:
+        return store.put_file(path, content_hash)
+    except Exception as err:
+        where = f"the media store {store.location} could not take {item.relpath}"
+        infra = classify(err, where)
+        raise infra or InfrastructureError(f"{where}: {err!r}", retriable=True) from err
+
+
 def _quarantined(
-    item: LandingFile, content_hash: str | None, category: str, message: str
+    item: LandingFile,
+    content_hash: str | None,
+    category: str,
+    message: str,
+    remember: bool = True,
 ) -> SourceRow:
+    """`remember`: keep the fingerprint so an unchanged file is not read again; False for
+    reasons that are not the content's (a re-run examines the file again)."""
     return SourceRow(
         item.batch,
         item.uri,
@@ -254,6 +316,6 @@ def _quarantined(
         None,
         item.size,
         None,
-        item.fingerprint,
+        item.fingerprint if remember else None,
         PROBE_VERSION,
     )

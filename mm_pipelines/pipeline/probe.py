@@ -8,13 +8,15 @@ the extension: the first bytes decide, and the file must decode.
 from __future__ import annotations
 
 import mimetypes
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import filetype
 
-PROBE_VERSION = "probe-v1"
+# v2: whitespace-only text is quarantined (empty_text)
+PROBE_VERSION = "probe-v2"
 
 
 class Quarantine(Exception):
@@ -119,7 +121,12 @@ def _probe_image(path: Path, mime: str, limits: Limits) -> Probe:
     except Quarantine:
         raise
     except Image.DecompressionBombError as err:
-        raise Quarantine("decompression_bomb", str(err)) from err
+        # Pillow refuses far beyond its own limit before we see the size: quote ours
+        declared = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{declared.group(1)} pixels" if declared else "more pixels than Pillow opens"
+        raise Quarantine(
+            "decompression_bomb", f"declares {size}, above the limit of {limits.max_pixels}"
+        ) from err
     except UnidentifiedImageError as err:
         raise Quarantine("undecodable", f"not a readable image: {err}") from err
     except (OSError, SyntaxError, ValueError) as err:
@@ -266,7 +273,7 @@ def _probe_text(path: Path, size: int, limits: Limits) -> Probe:
         raise Quarantine("too_large", f"text of {size} bytes exceeds {limits.max_text_bytes}")
     raw = path.read_bytes()
     try:
-        raw.decode("utf-8")
+        _require_words(raw.decode("utf-8"))
         return Probe("text", "text/plain", text_encoding="utf-8")
     except UnicodeDecodeError:
         pass
@@ -285,9 +292,16 @@ def _probe_text(path: Path, size: int, limits: Limits) -> Probe:
     # Windows-1252 is by far the most common in practice
     close = [m for m in matches if m.chaos <= best.chaos + 0.1]
     chosen = next((m for m in close if m.encoding == "cp1252"), best)
+    _require_words(str(chosen))
     return Probe(
         "text",
         "text/plain",
         text_encoding=chosen.encoding,
         note=f"not UTF-8: decoded as {chosen.encoding}",
     )
+
+
+def _require_words(text: str) -> None:
+    """A text with nothing but whitespace (or a byte-order mark) yields no embedding."""
+    if not text.replace("\ufeff", "").strip():
+        raise Quarantine("empty_text", "the text has nothing but whitespace")

@@ -5,18 +5,43 @@ registered version that carries the store URI and digest)."""
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mm_pipelines import settings
+from mm_pipelines.pipeline.faults import InfrastructureError
 from mm_pipelines.pipeline.model_store import Artifact, ModelStore
 
+# a tracking server that does not take a TCP connection within this is down: say so at once
+CONNECT_TIMEOUT_S = 3.0
 
-class TrackingUnavailable(RuntimeError):
-    """The MLflow tracking server cannot be reached."""
+
+class TrackingUnavailable(InfrastructureError):
+    """The MLflow tracking store does not answer (the message names its URI)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retriable=True)
+
+
+def _check_reachable(uri: str) -> None:
+    """Fail in seconds, naming the URI, when an MLflow server cannot be reached: MLflow's
+    own client retries a refused or black-holed connection for minutes."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise TrackingUnavailable(
+            f"the MLflow tracking server {uri} is unreachable ({err or type(err).__name__}); "
+            "check MLFLOW_TRACKING_URI and that the server runs"
+        ) from err
 
 
 @dataclass(frozen=True)
@@ -44,8 +69,9 @@ class Tracker:
         """Point MLflow at our tracking store; return the experiment id (created if new)."""
         import mlflow
 
-        settings.apply_mlflow_http_defaults()  # every process that tracks passes here first
+        settings.apply_mlflow_http_defaults()
         uri = self.tracking_uri or settings.mlflow_tracking_uri()
+        _check_reachable(uri)
         mlflow.set_tracking_uri(uri)
         try:
             existing = mlflow.get_experiment_by_name(self.experiment)
@@ -86,16 +112,31 @@ class Tracker:
         run = TrackedRun(active, self)
         try:
             yield run
-        except (KeyboardInterrupt, SystemExit):
-            run.flush()
-            mlflow.end_run(status="KILLED")
-            raise
-        except BaseException:
-            run.flush()
-            mlflow.end_run(status="FAILED")
+        except BaseException as err:
+            # interrupts are not Exceptions: KeyboardInterrupt, SystemExit, and the error
+            # Dagster raises in a step on SIGINT/SIGTERM
+            status = "FAILED" if isinstance(err, Exception) else "KILLED"
+            with contextlib.suppress(Exception):  # the step's own error is what matters
+                run.flush()
+            mlflow.end_run(status=status)
             raise
         run.flush()
         mlflow.end_run(status="FINISHED")
+
+    def close_running(self, tags: dict[str, str], status: str = "KILLED") -> list[str]:
+        """Close the runs of our experiment that are still RUNNING with these tags (their
+        process died without closing them); return their ids."""
+        client = self.client()
+        experiment = client.get_experiment_by_name(self.experiment)
+        if experiment is None:
+            return []
+        where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = client.search_runs(
+            [experiment.experiment_id], filter_string=f"{where} and attributes.status = 'RUNNING'"
+        )
+        for found in runs:
+            client.set_terminated(found.info.run_id, status=status)
+        return [found.info.run_id for found in runs]
 
     def run_url(self, experiment_id: str, run_id: str) -> str:
         base = (self.ui_url or settings.mlflow_ui_url()).rstrip("/")

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,12 +31,15 @@ import anyio
 import psycopg
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from mm_pipelines.serving import auth
 from mm_pipelines.serving.bundles import BundleManager
 from mm_pipelines.serving.runtime import InputError, ServingModels
+from mm_pipelines.storage.text import storable_text_problem
 
 log = logging.getLogger(__name__)
 MODALITIES = ("image", "video", "audio", "text")
@@ -50,6 +54,7 @@ class Limits:
     max_k: int = 100
     max_steps: int = 50
     max_prompt_chars: int = 1000
+    body_timeout_s: float = 30.0  # a stalled upload is answered 408, not held open forever
 
 
 class ConnectionPool:
@@ -79,10 +84,23 @@ class ConnectionPool:
         return conn
 
     def run(self, fn: Callable[[Any], Any]) -> Any:
+        """`fn(conn)`. A pooled connection that turns out broken (Postgres restarted since
+        it was opened) is dropped and `fn` runs once more on a new one, so a restart costs
+        no failed request."""
         try:
             conn = self._idle.get_nowait()
         except queue.Empty:
-            conn = self._connect()
+            return self._run_on(self._connect(), fn)
+        try:
+            return self._run_on(conn, fn)
+        except psycopg.OperationalError:
+            if not (conn.broken or conn.closed):
+                raise
+            log.info("a pooled catalog connection was broken: reconnecting once")
+            self.close()  # its siblings are as stale
+            return self._run_on(self._connect(), fn)
+
+    def _run_on(self, conn: psycopg.Connection, fn: Callable[[Any], Any]) -> Any:
         try:
             result = fn(conn)
         except BaseException:
@@ -101,8 +119,11 @@ class ConnectionPool:
             conn.close()
 
     def close(self) -> None:
-        while not self._idle.empty():
-            self._idle.get_nowait().close()
+        while True:  # other threads take and return connections meanwhile
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
 
 
 class ApiError(Exception):
@@ -120,26 +141,56 @@ def _ok(body: dict[str, Any], models: ServingModels) -> JSONResponse:
     return JSONResponse(body, headers={"X-Bundle-Version": models.version})
 
 
-async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+async def _read_json(request: Request, limits: Limits) -> dict[str, Any]:
+    limit = limits.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "body_too_large", f"request body over the {limit}-byte limit")
     chunks, size = [], 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:  # chunked uploads have no length: count as they come
-                raise ApiError(413, "body_too_large", f"request body over the {limit}-byte limit")
-            chunks.append(chunk)
+        with anyio.fail_after(limits.body_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:  # chunked uploads have no length: count as they come
+                    raise ApiError(
+                        413, "body_too_large", f"request body over the {limit}-byte limit"
+                    )
+                chunks.append(chunk)
     except ClientDisconnect as err:
         raise ApiError(400, "client_disconnected", "the request body was cut off") from err
+    except TimeoutError as err:
+        raise ApiError(
+            408, "body_timeout", f"the request body did not arrive within {limits.body_timeout_s} s"
+        ) from err
     try:
         body = json.loads(b"".join(chunks))
+    except RecursionError as err:
+        raise ApiError(400, "bad_json", "the body is nested too deeply") from err
     except (ValueError, UnicodeDecodeError) as err:
         raise ApiError(400, "bad_json", f"the body is not valid JSON ({err})") from err
     if not isinstance(body, dict):
         raise ApiError(400, "bad_json", "the body must be a JSON object")
+    _check_text(body)
     return body
+
+
+def _check_text(body: dict[str, Any]) -> None:
+    """Every string of the body (keys too) must be text we can store and answer with: a
+    NUL breaks Postgres, a lone surrogate breaks the JSON answer and the tokenizers."""
+    todo: list[tuple[str, Any]] = [("", body)]
+    while todo:  # not recursive: depth is the client's choice
+        where, value = todo.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                name = f"{where}.{key}" if where else str(key)
+                if problem := storable_text_problem(str(key)):
+                    raise ApiError(400, "bad_text", f"a field name {problem}")
+                todo.append((name, item))
+        elif isinstance(value, list):
+            todo.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, str) and (problem := storable_text_problem(value)):
+            shown = where.encode("utf-8", "backslashreplace").decode()
+            raise ApiError(400, "bad_text", f"'{shown}' {problem}")
 
 
 def _field(body: dict, name: str, kind: type | tuple, default: Any = ..., check=None) -> Any:
@@ -168,7 +219,9 @@ def create_app(
     pool: ConnectionPool | None = None,
     limits: Limits = Limits(),
     workers: int | None = None,
+    keys: auth.Authenticate | None = None,
 ) -> Starlette:
+    """`keys`: how a bearer token becomes an API key (None: no keys, `mm serve --no-auth`)."""
     limiter = anyio.CapacityLimiter(workers or max(1, os.cpu_count() or 1))
     # index queries wait on Postgres, not on our CPU: as many in flight as pooled connections
     db_limiter = anyio.CapacityLimiter(pool.size if pool is not None else 1)
@@ -186,14 +239,14 @@ def create_app(
     async def healthz(request: Request) -> JSONResponse:
         manager.nudge()
         models = manager.current
-        status = manager.status()
+        status = _public_status(manager.status())
         if models is None:
             return JSONResponse({"status": "no_bundle", **status}, status_code=503)
         body = {"status": "ok", "models": models.describe(), **status}
         return _ok(body, models)
 
     async def embeddings(request: Request) -> JSONResponse:
-        body = await _read_json(request, limits.max_body_bytes)
+        body = await _read_json(request, limits)
         models = models_or_503()
         given = [k for k in ("text", "image_base64", "audio_base64") if body.get(k) is not None]
         if len(given) != 1:
@@ -213,10 +266,12 @@ def create_app(
         return _ok({"embedding": vec.tolist(), "dim": int(vec.shape[0]), "input": given[0]}, models)
 
     async def search(request: Request) -> JSONResponse:
-        body = await _read_json(request, limits.max_body_bytes)
+        body = await _read_json(request, limits)
         models = models_or_503()
         query = _field(body, "query", str, check=_max_len(limits.max_text_chars))
-        tenant = _field(body, "tenant", str, check=lambda v: None if v.strip() else "is empty")
+        tenant = auth.request_tenant(request, body) or _field(
+            body, "tenant", str, check=lambda v: None if v.strip() else "is empty"
+        )
         k = _field(body, "k", int, 10, check=_in_range(1, limits.max_k))
         modalities = _field(body, "modalities", list, None, check=_subset(MODALITIES))
         batches = _field(body, "batches", list, None, check=_strings)
@@ -237,10 +292,11 @@ def create_app(
         except psycopg.OperationalError as err:
             log.warning("catalog unavailable: %s", err)
             raise ApiError(503, "catalog_unavailable", "the catalog is unavailable") from err
+        hits = auth.visible_hits(request, hits)
         return _ok({"query": query, "tenant": tenant, "k": k, "hits": hits}, models)
 
     async def generations(request: Request) -> JSONResponse:
-        body = await _read_json(request, limits.max_body_bytes)
+        body = await _read_json(request, limits)
         models = models_or_503()
         prompt = _field(body, "prompt", str, check=_max_len(limits.max_prompt_chars))
         seed = _field(body, "seed", int, 0, check=_in_range(0, 2**63 - 1))
@@ -270,10 +326,20 @@ def create_app(
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail))
 
+    async def on_tenant_mismatch(request: Request, exc: Exception) -> JSONResponse:
+        return _error(403, "tenant_mismatch", str(exc))
+
     async def on_crash(request: Request, exc: Exception) -> JSONResponse:
         log.error("internal error on %s", request.url.path, exc_info=exc)
         return _error(500, "internal", "internal server error")
 
+    # every route behind the keys, including routes added later (one middleware, not one
+    # check per endpoint)
+    middleware = (
+        [Middleware(auth.AuthMiddleware, authenticate=keys, limiter=auth.RateLimiter())]
+        if keys is not None
+        else []
+    )
     app = Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
@@ -285,11 +351,27 @@ def create_app(
             ApiError: on_api_error,
             InputError: on_input_error,
             HTTPException: on_http_error,
+            auth.TenantMismatch: on_tenant_mismatch,
             Exception: on_crash,
         },
+        middleware=middleware,
     )
     app.state.manager = manager
     return app
+
+
+def _public_status(status: dict[str, Any]) -> dict[str, Any]:
+    """The bundle manager's status without local paths (the store's folder, cache paths in
+    error messages): /healthz answers anyone."""
+    public = {k: v for k, v in status.items() if k != "store"}
+    public["failed_bundles"] = {
+        version: _ABS_PATH.sub(lambda m: ".../" + "/".join(m.group(0).split("/")[-2:]), why)
+        for version, why in status.get("failed_bundles", {}).items()
+    }
+    return public
+
+
+_ABS_PATH = re.compile(r"(?:/[^\s/:'\"]+){2,}")
 
 
 def _max_len(n: int):

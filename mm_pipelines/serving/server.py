@@ -1,10 +1,12 @@
 """``mm serve``: the serving API under uvicorn, on the current bundle of a serving store.
 
     mm serve [--store PATH|s3://bucket/prefix] [--host 127.0.0.1] [--port 8000] [--dsn DSN]
+             [--no-auth]
 
 ``--port 0`` picks a free port. The first stdout line is
 ``mm serve: listening on http://HOST:PORT (bundle VERSION)`` (VERSION is ``none`` until a
-bundle is published; the server then picks it up by itself).
+bundle is published; the server then picks it up by itself). Every request but /healthz
+needs an API key (``mm keys create --tenant T``) unless ``--no-auth`` is given.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=None)
     p.add_argument("--max-image-pixels", type=int, default=None)
     p.add_argument("--max-audio-seconds", type=float, default=None)
+    p.add_argument(
+        "--body-timeout-s", type=float, default=None, help="a slower request body gets 408"
+    )
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="no API keys: the tenant comes from the request body (local demos only)",
+    )
     p.add_argument("--no-audio", action="store_true", help="do not load Whisper")
     p.add_argument("--no-diffusion", action="store_true", help="do not load the generator")
     p.add_argument("--no-self-check", action="store_true", help="skip the load-time check")
@@ -53,6 +63,7 @@ def _limits(args: argparse.Namespace):
         "max_body_bytes": args.max_body_bytes,
         "max_image_pixels": args.max_image_pixels,
         "max_audio_seconds": args.max_audio_seconds,
+        "body_timeout_s": args.body_timeout_s,
     }
     return Limits(**{k: v for k, v in given.items() if v is not None})
 
@@ -77,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from mm_pipelines.serving.app import ConnectionPool, create_app
+    from mm_pipelines.serving.auth import keys_in
     from mm_pipelines.serving.bundles import BundleManager, default_loader
     from mm_pipelines.serving.store import open_store
 
@@ -90,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     manager = BundleManager(store, cache_dir, loader, poll_s=args.poll_seconds)
     manager.start()
     pool = ConnectionPool(_dsn_factory(args.dsn), size=max(4, (args.workers or 0)))
-    app = create_app(manager, pool, _limits(args), workers=args.workers)
+    keys = None if args.no_auth else keys_in(pool.run)
+    app = create_app(manager, pool, _limits(args), workers=args.workers, keys=keys)
 
     # bind here so that --port 0 can report the port it got before serving starts
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
@@ -100,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     host, port = sock.getsockname()[:2]
     version = manager.current.version if manager.current else "none"
     print(f"mm serve: listening on http://{host}:{port} (bundle {version})", flush=True)
+    if args.no_auth:
+        print("mm serve: API keys are OFF (--no-auth): any caller names any tenant", flush=True)
     config = uvicorn.Config(
         app, log_level=args.log_level.lower(), access_log=False, timeout_graceful_shutdown=10
     )

@@ -2,11 +2,13 @@
 
 A batch is complete when its `_READY` marker exists; files whose names start with `_` or
 `.` are control files (the marker, an optional `_manifest.jsonl`) and are not ingested.
-Listing refuses anything that would reach outside the batch (symlinks, `..`).
+Listing refuses anything that would reach outside the batch (symlinks, `..`) or cannot be
+followed (symlink loops) as a refused path; it never fails the listing.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -17,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from mm_pipelines.storage.text import storable_text_problem
 
 READY_MARKER = "_READY"
 MANIFEST = "_manifest.jsonl"
@@ -61,9 +65,24 @@ def is_control_name(relpath: str) -> bool:
     return any(part.startswith(("_", ".")) for part in PurePosixPath(relpath).parts)
 
 
+def _manifest_value(row: dict, name: str) -> str | None:
+    value = row.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{name!r} must be a string, not {type(value).__name__}")
+    if problem := storable_text_problem(value):
+        raise ValueError(f"{name!r} {problem}")
+    return value
+
+
 class Landing(ABC):
     @abstractmethod
     def ready_batches(self) -> list[str]: ...
+
+    @abstractmethod
+    def is_ready(self, batch: str) -> bool:
+        """Whether the batch's `_READY` marker exists."""
 
     @abstractmethod
     def list_batch(self, batch: str) -> tuple[list[LandingFile], list[RefusedPath]]: ...
@@ -77,23 +96,35 @@ class Landing(ABC):
     def _read_control(self, batch: str, name: str) -> bytes | None: ...
 
     def manifest(self, batch: str) -> dict[str, ManifestEntry]:
-        """Optional per-file captions, tenants and labels: one JSON object per line with
-        `path`."""
+        """The manifest's entries; ValueError naming the first bad line."""
+        entries, problems = self.read_manifest(batch)
+        if problems:
+            raise ValueError(problems[0])
+        return entries
+
+    def read_manifest(self, batch: str) -> tuple[dict[str, ManifestEntry], list[str]]:
+        """Optional per-file captions, tenants and labels: one JSON object per line with `path`.
+        Returns the good lines' entries and one problem per bad line (which is skipped):
+        a value Postgres cannot store (NUL, a lone surrogate) is a bad line, not a crash."""
         raw = self._read_control(batch, MANIFEST)
         if raw is None:
-            return {}
+            return {}, []
         entries: dict[str, ManifestEntry] = {}
+        problems: list[str] = []
         for lineno, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                entries[str(row["path"])] = ManifestEntry(
-                    row.get("caption"), row.get("tenant"), _labels(row)
+                path = row["path"]
+                if not isinstance(path, str):
+                    raise ValueError(f"'path' must be a string, not {type(path).__name__}")
+                entries[path] = ManifestEntry(
+                    _manifest_value(row, "caption"), _manifest_value(row, "tenant"), _labels(row)
                 )
             except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{MANIFEST} of batch {batch!r}, line {lineno}: {err}") from err
-        return entries
+                problems.append(f"{MANIFEST} of batch {batch!r}, line {lineno}: {err}")
+        return entries, problems
 
 
 class LocalLanding(Landing):
@@ -108,6 +139,9 @@ class LocalLanding(Landing):
             for d in self.root.iterdir()
             if d.is_dir() and BATCH_NAME.match(d.name) and (d / READY_MARKER).exists()
         )
+
+    def is_ready(self, batch: str) -> bool:
+        return (self.batch_dir(batch) / READY_MARKER).is_file()
 
     def batch_dir(self, batch: str) -> Path:
         if not BATCH_NAME.match(batch):
@@ -129,7 +163,13 @@ class LocalLanding(Landing):
                 rel = path.relative_to(base).as_posix()
                 if is_control_name(rel):
                     continue
-                real = path.resolve()
+                try:
+                    real = path.resolve()
+                    is_file = real.is_file()
+                except (RuntimeError, OSError) as err:  # RuntimeError: 3.11's "Symlink loop"
+                    reason = "symlink loop" if _is_loop(err) else f"cannot be resolved ({err})"
+                    refused.append(RefusedPath(batch, rel, path.as_uri(), reason))
+                    continue
                 if path.is_symlink() and not real.is_relative_to(real_base):
                     refused.append(
                         RefusedPath(
@@ -140,7 +180,7 @@ class LocalLanding(Landing):
                         )
                     )
                     continue
-                if not real.is_file():
+                if not is_file:
                     refused.append(RefusedPath(batch, rel, path.as_uri(), "not a regular file"))
                     continue
                 st = real.stat()
@@ -172,6 +212,10 @@ class LocalLanding(Landing):
         (self.batch_dir(batch) / READY_MARKER).touch()
 
 
+def _is_loop(err: BaseException) -> bool:
+    return isinstance(err, RuntimeError) or getattr(err, "errno", None) == errno.ELOOP
+
+
 class S3Landing(Landing):
     """Batches are prefixes `s3://bucket/prefix/<batch>/`, complete when `<batch>/_READY` exists."""
 
@@ -198,6 +242,11 @@ class S3Landing(Landing):
                     batches.append(name)
         return sorted(batches)
 
+    def is_ready(self, batch: str) -> bool:
+        if not BATCH_NAME.match(batch):
+            raise ValueError(f"invalid batch name {batch!r}")
+        return self._exists(self._key(batch, READY_MARKER))
+
     def _exists(self, key: str) -> bool:
         resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=1)
         return any(obj["Key"] == key for obj in resp.get("Contents", []))
@@ -211,11 +260,14 @@ class S3Landing(Landing):
         for page in self._pages(Prefix=base):
             for obj in page.get("Contents", []):
                 rel = obj["Key"][len(base) :]
-                if not rel or rel.endswith("/") or is_control_name(rel):
+                if not rel or rel.endswith("/"):
                     continue
                 uri = f"s3://{self.bucket}/{obj['Key']}"
-                if ".." in PurePosixPath(rel).parts:
-                    refused.append(RefusedPath(batch, rel, uri, "key has a '..' segment"))
+                # before the control-name rule: '..' starts with '.' and was skipped silently
+                if why := _odd_key(rel):
+                    refused.append(RefusedPath(batch, rel, uri, why))
+                    continue
+                if is_control_name(rel):
                     continue
                 etag = str(obj.get("ETag", "")).strip('"')
                 files.append(
@@ -239,3 +291,14 @@ class S3Landing(Landing):
         if not self._exists(key):
             return None
         return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+
+def _odd_key(rel: str) -> str | None:
+    """Why an S3 key (relative to its batch) is refused: a path that a local copy or a
+    person would read differently from what S3 stores."""
+    parts = rel.split("/")
+    if ".." in parts:
+        return "key has a '..' segment: it would point outside the batch"
+    if "" in parts or "." in parts:
+        return "key has an empty or '.' segment"
+    return None

@@ -6,6 +6,7 @@ sources is stored once and a re-run never copies an object twice.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -36,6 +37,11 @@ def object_key(content_hash: str) -> str:
 
 
 class MediaStore(ABC):
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Where the store is (a folder or s3://bucket/prefix), for messages."""
+
     @abstractmethod
     def uri(self, content_hash: str) -> str: ...
 
@@ -44,7 +50,8 @@ class MediaStore(ABC):
 
     @abstractmethod
     def put_file(self, path: str | Path, content_hash: str) -> bool:
-        """Store the file under its hash; False if the object was already there."""
+        """Store the file under its hash; False if the object was already there. Of two
+        writers of the same content at the same time exactly one gets True."""
 
     @abstractmethod
     def open(self, content_hash: str) -> BinaryIO: ...
@@ -83,6 +90,10 @@ class LocalMediaStore(MediaStore):
         self._tmp = self.root / ".incoming"
         self._tmp.mkdir(parents=True, exist_ok=True)
 
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
     def path(self, content_hash: str) -> Path:
         return self.root / object_key(content_hash)
 
@@ -97,16 +108,18 @@ class LocalMediaStore(MediaStore):
         if final.is_file():
             return False
         final.parent.mkdir(parents=True, exist_ok=True)
-        # copy to a private name, then rename: readers never see half an object and two
-        # writers of the same content cannot corrupt each other
+        # copy to a private name, then link it in: readers never see half an object, and
+        # link() fails for all but the first of concurrent writers (which rename() would
+        # not), so only one counts the object as new
         fd, tmp = tempfile.mkstemp(dir=self._tmp)
         os.close(fd)
         try:
             shutil.copyfile(path, tmp)
-            os.replace(tmp, final)
+            _link_once(tmp, final)
+        except FileExistsError:
+            return False
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            os.unlink(tmp)
         return True
 
     def open(self, content_hash: str) -> BinaryIO:
@@ -114,6 +127,21 @@ class LocalMediaStore(MediaStore):
 
     def local_path(self, content_hash: str) -> Path:
         return self.path(content_hash)
+
+
+def _link_once(tmp: str, final: Path) -> None:
+    """Make `final` the bytes of `tmp`; FileExistsError if another writer was first."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise
+    except OSError as err:  # a file system without hard links: rename, first check wins
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if final.is_file():
+            raise FileExistsError(str(final)) from err
+        shutil.copyfile(tmp, f"{tmp}.final")
+        os.replace(f"{tmp}.final", final)
 
 
 class S3MediaStore(MediaStore):
@@ -125,6 +153,12 @@ class S3MediaStore(MediaStore):
         self.prefix = prefix.strip("/")
         cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "mm-media-cache"
         self.cache_dir = cache.expanduser().resolve()
+
+    @property
+    def location(self) -> str:
+        endpoint = getattr(getattr(self.client, "meta", None), "endpoint_url", None)
+        where = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        return f"{where} at {endpoint}" if endpoint else where
 
     def key(self, content_hash: str) -> str:
         return (

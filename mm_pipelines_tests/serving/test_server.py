@@ -2,6 +2,8 @@
 
 One server for the module (starting it costs the model imports). The switch tests
 publish bundle B into its store and then roll back, so they run last, in file order.
+Requests carry API keys (created in the catalog, as `mm keys create` does): the admin key
+unless a test is about one tenant's key. Keys themselves are tested in test_auth.py.
 """
 
 from __future__ import annotations
@@ -60,6 +62,28 @@ def catalog(module_pg_dsn, bundle_a) -> dict[str, str]:
     return {"dsn": module_pg_dsn}
 
 
+TOKENS: dict[str, str] = {}  # "admin" / "acme" -> API key, filled by the `server` fixture
+
+
+def auth(key: str = "admin") -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKENS[key]}"}
+
+
+@pytest.fixture(scope="module")
+def keys(catalog) -> dict[str, str]:
+    from mm_pipelines.storage import api_keys
+    from mm_pipelines.storage.postgres import connect
+
+    with connect(catalog["dsn"]) as conn:
+        # the switch test fires requests as fast as four threads can: a load-test client's
+        # limit (rate limits are tested in test_auth.py)
+        TOKENS["admin"] = api_keys.create_key(
+            conn, None, admin=True, rate_per_minute=10**6, burst=10**5
+        )[1]
+        TOKENS["acme"] = api_keys.create_key(conn, "acme")[1]
+    return TOKENS
+
+
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory, bundle_a):
     from mm_pipelines.serving.store import open_store, publish_bundle
@@ -70,7 +94,7 @@ def store_dir(tmp_path_factory, bundle_a):
 
 
 @pytest.fixture(scope="module")
-def server(store_dir, catalog, tmp_path_factory) -> Iterator[str]:
+def server(store_dir, catalog, keys, tmp_path_factory) -> Iterator[str]:
     args = [
         sys.executable, "-m", "mm_pipelines.serving.server",
         "--store", str(store_dir), "--port", "0", "--dsn", catalog["dsn"],
@@ -104,9 +128,9 @@ def local_a(bundle_a):
     return ServingModels.load(bundle_a.bundle_dir, diffusion=False)
 
 
-def post(url: str, path: str, body, **kwargs) -> requests.Response:
+def post(url: str, path: str, body, key: str = "admin", **kwargs) -> requests.Response:
     data = json.dumps(body) if isinstance(body, dict) else body  # bytes / a chunk iterator
-    return requests.post(url + path, data=data, timeout=60, **kwargs)
+    return requests.post(url + path, data=data, timeout=60, headers=auth(key), **kwargs)
 
 
 def test_healthz_names_the_bundle_and_models(server):
@@ -138,12 +162,14 @@ def test_embeddings_equal_the_runtime_vectors(server, local_a, kind):
 
 
 def test_search_finds_the_caption_for_the_tenant_only(server):
-    r = post(server, "/v1/search", {"query": QUERY, "tenant": "acme", "k": 2})
+    r = post(server, "/v1/search", {"query": QUERY, "tenant": "acme", "k": 2}, key="acme")
     assert r.status_code == 200, r.text
     hits = r.json()["hits"]
     assert len(hits) == 2 and {h["tenant"] for h in hits} == {"acme"}
     assert hits[0]["text"] == QUERY and hits[0]["score"] > 0.999
-    r = post(server, "/v1/search", {"query": QUERY, "tenant": "acme", "modalities": ["audio"]})
+    r = post(
+        server, "/v1/search", {"query": QUERY, "tenant": "acme", "modalities": ["audio"]}, "acme"
+    )
     assert r.status_code == 200 and r.json()["hits"] == []
 
 
@@ -189,7 +215,7 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server):
         r = post(server, path, body)
         assert (r.status_code, r.json()["error"]["code"]) == (status, code), (path, r.text)
         assert "Traceback" not in r.text and "/tmp" not in r.text
-    r = requests.get(server + "/v1/embeddings", timeout=10)  # wrong method
+    r = requests.get(server + "/v1/embeddings", timeout=10, headers=auth())  # wrong method
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
     chunked = post(server, "/v1/embeddings", iter([b'{"text": "', b"y" * 250_000, b'"}']))
     assert chunked.status_code == 413  # no Content-Length: counted while streaming
@@ -224,7 +250,9 @@ def test_bundle_switch_under_concurrent_requests(server, store_dir, bundle_b, lo
         with requests.Session() as session:
             while not stop.is_set():
                 try:
-                    r = session.post(server + "/v1/embeddings", json={"text": QUERY}, timeout=60)
+                    r = session.post(
+                        server + "/v1/embeddings", json={"text": QUERY}, timeout=60, headers=auth()
+                    )
                     body = r.json()
                     out.append((r.status_code, body.get("bundle_version"), body.get("embedding")))
                 except Exception as err:  # noqa: BLE001 - a failed request is the finding

@@ -7,7 +7,7 @@ importing them at module level added ~20 s to each of those starts."""
 import dagster as dg
 import pandas as pd
 
-from mm_pipelines.defs.common import GPU_STEP, RETRY
+from mm_pipelines.defs.common import GPU_STEP, RETRY, stop_on_interrupt
 from mm_pipelines.defs.partitions import batch_partitions
 from mm_pipelines.defs.resources import (
     CatalogResource,
@@ -72,10 +72,11 @@ def clip_embeddings(
     models: ModelsResource,
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
-    svc = services(catalog_db, media_store, models, compute)
-    result = embed.embed_clip_batch(
-        svc, context.partition_key, config.batch_size, log=context.log.info
-    )
+    with stop_on_interrupt():
+        svc = services(catalog_db, media_store, models, compute)
+        result = embed.embed_clip_batch(
+            svc, context.partition_key, config.batch_size, log=context.log.info
+        )
     return dg.MaterializeResult(
         metadata={"model_version": result.model_version, **vars(result.stats)}
     )
@@ -98,8 +99,9 @@ def audio_embeddings(
     models: ModelsResource,
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
-    svc = services(catalog_db, media_store, models, compute)
-    result = embed.embed_audio_batch(svc, context.partition_key, log=context.log.info)
+    with stop_on_interrupt():
+        svc = services(catalog_db, media_store, models, compute)
+        result = embed.embed_audio_batch(svc, context.partition_key, log=context.log.info)
     return dg.MaterializeResult(
         metadata={"model_version": result.model_version, **vars(result.stats)}
     )

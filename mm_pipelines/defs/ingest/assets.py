@@ -4,8 +4,9 @@ import time
 
 import dagster as dg
 
+from mm_pipelines.defs.common import no_retry_on_bad_input
 from mm_pipelines.defs.metadata import markdown_gallery
-from mm_pipelines.defs.partitions import batch_partitions
+from mm_pipelines.defs.partitions import batch_partitions, check_partition_key
 from mm_pipelines.defs.resources import (
     CatalogResource,
     ComputeResource,
@@ -21,6 +22,7 @@ _DEFAULT_LIMITS = Limits()
 
 class RawMediaConfig(dg.Config):
     tenant: str = "default"
+    force: bool = False  # ingest a batch without its _READY marker (it may be incomplete)
     max_bytes: int = _DEFAULT_LIMITS.max_bytes
     max_pixels: int = _DEFAULT_LIMITS.max_pixels
     max_video_pixels: int = _DEFAULT_LIMITS.max_video_pixels
@@ -64,18 +66,31 @@ def raw_media(
             last_log[0] = time.monotonic()
             context.log.info(f"{batch}: {done}/{total} files, {nbytes / 1e6:.1f} MB read")
 
-    report = ingest_batch(
-        landing.get_landing(),
-        batch,
-        store,
-        catalog_db.get_dsn(),
-        limits=config.limits(),
-        tenant=config.tenant,
-        workers=compute.io_workers,
-        progress=progress,
-    )
+    with no_retry_on_bad_input():  # bad names, no _READY, a full store: fail once
+        _drop_invalid_partition(context, batch)
+        report = ingest_batch(
+            landing.get_landing(),
+            batch,
+            store,
+            catalog_db.get_dsn(),
+            limits=config.limits(),
+            tenant=config.tenant,
+            workers=compute.io_workers,
+            progress=progress,
+            require_ready=not config.force,
+        )
     context.log.info(f"ingested batch {batch}: {report.summary()}")
     return dg.MaterializeResult(metadata=_metadata(report, store))
+
+
+def _drop_invalid_partition(context: dg.AssetExecutionContext, batch: str) -> None:
+    """A batch name the landing area refuses (added by hand in the UI) is removed from the
+    partitions, then refused."""
+    try:
+        check_partition_key(batch_partitions.name, batch)
+    except ValueError:
+        context.instance.delete_dynamic_partition(batch_partitions.name, batch)
+        raise
 
 
 def _metadata(report: IngestReport, store: MediaStore) -> dict[str, object]:

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from mm_pipelines.defs.common import GPU_STEP, RETRY
+from mm_pipelines.defs.common import GPU_STEP, RETRY, stop_on_interrupt
 from mm_pipelines.defs.metadata import png_markdown
 from mm_pipelines.defs.partitions import batch_partitions
 from mm_pipelines.defs.resources import (
@@ -37,15 +37,16 @@ def video_frames(
     catalog_db: CatalogResource,
     media_store: MediaStoreResource,
 ) -> dg.MaterializeResult:
-    result = understand.sample_video_frames(
-        services(catalog_db, media_store),
-        context.partition_key,
-        config.strategies,
-        config.image_format,
-        config.quality,
-        config.decode_batch,
-        log=context.log.info,
-    )
+    with stop_on_interrupt():
+        result = understand.sample_video_frames(
+            services(catalog_db, media_store),
+            context.partition_key,
+            config.strategies,
+            config.image_format,
+            config.quality,
+            config.decode_batch,
+            log=context.log.info,
+        )
     metadata: dict[str, object] = {
         "videos": result.videos,
         "videos_sampled_now": result.sampled_now,
@@ -85,15 +86,16 @@ def transcripts(
     compute: ComputeResource,
     models: ModelsResource,
 ) -> dg.MaterializeResult:
-    svc = services(catalog_db, media_store, models, compute)
-    result = understand.transcribe_batch(
-        svc,
-        context.partition_key,
-        config.model or svc.choice.whisper_model,
-        config.batch_size,
-        config.language,
-        log=context.log.info,
-    )
+    with stop_on_interrupt():
+        svc = services(catalog_db, media_store, models, compute)
+        result = understand.transcribe_batch(
+            svc,
+            context.partition_key,
+            config.model or svc.choice.whisper_model,
+            config.batch_size,
+            config.language,
+            log=context.log.info,
+        )
     sample_md = "no speech found"
     if result.sample:
         lines = [
