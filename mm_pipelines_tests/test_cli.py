@@ -10,12 +10,9 @@ from pathlib import Path
 
 import pytest
 
-MM = str(Path(sys.executable).parent / "mm")
+from mm_pipelines_tests.conftest import run_mm
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_mm(*args: str, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([MM, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_sample_data_writes_every_modality_and_a_ready_marker(tmp_path):
@@ -25,25 +22,6 @@ def test_sample_data_writes_every_modality_and_a_ready_marker(tmp_path):
     suffixes = {p.suffix for p in root.rglob("*") if p.is_file()}
     assert {".png", ".jpg", ".mp4", ".ogg", ".txt", ".md"} <= suffixes
     assert (root / "_READY").exists() and (root / "_manifest.jsonl").exists()
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory, demo_clip, base_pipeline_dir):
-    """`mm demo` run once in a fresh MM_HOME; (finished process, its environment)."""
-    home = tmp_path_factory.mktemp("demo") / "mm"
-    # the demo CLIP and the tiny diffusion base of this test session stand in for the ones
-    # `mm demo` would train (their training assets are tested on their own)
-    env = {
-        **os.environ,
-        "MM_HOME": str(home),
-        "MM_CLIP_CHECKPOINT": str(demo_clip.checkpoint_path),
-        "MM_DIFFUSION_BASE": str(base_pipeline_dir),
-    }
-    env.pop("DAGSTER_HOME", None)
-    env.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri exports it in-process
-    proc = run_mm("demo", env=env, timeout=1500)
-    yield proc, env
-    run_mm("db", "stop", env=env)
 
 
 def test_demo_runs_the_graph_and_searches_the_sample_batch(demo):

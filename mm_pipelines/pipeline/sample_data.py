@@ -52,6 +52,8 @@ _VIDEOS = [
         "clip_08.ogg",
     ),
 ]
+_AUDIO_CLIPS = ("clip_01.ogg", "clip_03.ogg", "clip_05.ogg")
+_BROKEN = ("empty.jpg", "whole.png", "cut_off.png", "not_a_video.mp4")
 _TEXTS = {
     "docs/backpack.txt": "The trail backpack holds thirty litres, is waterproof and comes in "
     "forest green and charcoal. Its padded straps keep long hikes comfortable.",
@@ -128,6 +130,19 @@ def scene_frames(
             yield frame
 
 
+def sample_files() -> set[str]:
+    """Every path (relative to the batch folder) `write_sample_batch` writes."""
+    files = {READY_MARKER, MANIFEST, "images/copy_of_first_photo.png"}
+    for index, (colour, shape, background) in enumerate(_IMAGES):
+        ext = "jpg" if index % 3 == 2 else "png"
+        files.add(f"images/{colour}_{shape}_on_{background}.{ext}")
+    files |= {f"video/{name}" for name, _, _ in _VIDEOS}
+    files |= {f"audio/{clip}" for clip in _AUDIO_CLIPS}
+    files |= set(_TEXTS)
+    files |= {f"broken/{name}" for name in _BROKEN}
+    return files
+
+
 def write_sample_batch(
     landing_root: Path, batch: str = "demo-0001", tenant: str = "acme", overwrite: bool = False
 ) -> Path:
@@ -140,12 +155,24 @@ def write_sample_batch(
     if (root / READY_MARKER).exists() and not overwrite:
         return root
     if root.exists():
-        shutil.rmtree(root)
-    (root / "images").mkdir(parents=True)
-    (root / "video").mkdir()
-    (root / "audio").mkdir()
-    (root / "docs").mkdir()
-    (root / "broken").mkdir()
+        # never delete or overwrite what we did not write: only our own files are rewritten
+        ours = sample_files()
+        foreign = sorted(
+            p.relative_to(root).as_posix()
+            for p in root.rglob("*")
+            if (p.is_file() or p.is_symlink()) and p.relative_to(root).as_posix() not in ours
+        )
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (
+                f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            )
+            raise FileExistsError(
+                f"{root} already holds files the sample batch does not write ({shown}): "
+                "left untouched; choose another --batch or folder"
+            )
+        (root / READY_MARKER).unlink(missing_ok=True)  # not ready until rewritten whole
+    for sub in ("images", "video", "audio", "docs", "broken"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
     manifest: list[dict[str, str]] = []
 
     for index, (colour, shape, background) in enumerate(_IMAGES):
@@ -166,7 +193,7 @@ def write_sample_batch(
             root / "video" / name, scene_frames(scenes, seconds, fps=10), fps=10, audio=speech
         )
         manifest.append({"path": f"video/{name}", "caption": clips[clip], "tenant": tenant})
-    for clip in ("clip_01.ogg", "clip_03.ogg", "clip_05.ogg"):
+    for clip in _AUDIO_CLIPS:
         shutil.copyfile(SPEECH_DIR / clip, root / "audio" / clip)
         manifest.append({"path": f"audio/{clip}", "tenant": tenant})
     for rel, text in _TEXTS.items():

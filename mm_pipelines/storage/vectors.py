@@ -127,6 +127,7 @@ class Filters:
     modalities: Sequence[str] | None = None
     item_kinds: Sequence[str] | None = None
     projector_version: str | None = None
+    parent_hashes: Sequence[str] | None = None
 
 
 def _where(dim: int, filters: Filters) -> tuple[sql.Composable, list[Any]]:
@@ -138,6 +139,7 @@ def _where(dim: int, filters: Filters) -> tuple[sql.Composable, list[Any]]:
         ("batch", filters.batches, True),
         ("modality", filters.modalities, True),
         ("item_kind", filters.item_kinds, True),
+        ("parent_hash", filters.parent_hashes, True),
     ):
         if value is None:
             continue
@@ -248,3 +250,47 @@ def sample_embeddings(
         (batch, batch),
     ).fetchall()
     return np.stack([to_array(r[0]) for r in rows]) if rows else np.zeros((0, dim))
+
+
+def sample_by_kind(
+    conn: psycopg.Connection, projector_version: str, per_kind: int = 256
+) -> dict[str, np.ndarray]:
+    """Up to `per_kind` vectors of each item kind of one projector version, the same ones on
+    every call (ordered by a hash of the row id, not at random): what score calibration is
+    fitted on."""
+    kinds = [
+        r[0]
+        for r in conn.execute(
+            "SELECT DISTINCT item_kind FROM unified_vectors WHERE projector_version = %s",
+            (projector_version,),
+        )
+    ]
+    out: dict[str, np.ndarray] = {}
+    for kind in sorted(kinds):
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT embedding FROM unified_vectors WHERE projector_version = %s "
+                "AND item_kind = %s ORDER BY md5(id::text) LIMIT {}"
+            ).format(sql.Literal(int(per_kind))),
+            (projector_version, kind),
+        ).fetchall()
+        out[kind] = np.stack([to_array(r[0]) for r in rows])
+    return out
+
+
+def index_signature(conn: psycopg.Connection, projector_version: str) -> tuple[int, int]:
+    """(rows, largest id) of a projector version: changes whenever a batch is (re)indexed."""
+    row = conn.execute(
+        "SELECT count(*), coalesce(max(id), 0) FROM unified_vectors WHERE projector_version = %s",
+        (projector_version,),
+    ).fetchone()
+    return int(row[0]), int(row[1])
+
+
+def kind_counts(conn: psycopg.Connection, projector_version: str) -> dict[str, int]:
+    rows = conn.execute(
+        "SELECT item_kind, count(*) FROM unified_vectors WHERE projector_version = %s "
+        "GROUP BY item_kind",
+        (projector_version,),
+    )
+    return {kind: int(n) for kind, n in rows}
