@@ -149,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
                 body["modalities"] = args.modality
             try:
                 results = served_search(url, body)
+                print(f"(answered by mm serve at {url}, bundle {results.get('bundle_version')})",
+                      file=sys.stderr)  # fmt: skip
             except ServerUnavailable as err:
                 print(f"mm search: {err}; searching the local index", file=sys.stderr)
         if results is None:

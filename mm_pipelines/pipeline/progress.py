@@ -2,7 +2,8 @@
 
 Drivers log them through their `log` callback (Dagster's `context.log.info` in an asset);
 `mm demo` and `mm ingest` print the lines that start with `PREFIX` as they arrive, the UI
-shows them in the run's log. At most one line per `every_s` seconds (and the last one).
+shows them in the run's log. A line at the start, at each quarter, at most every
+`every_s` seconds in between, and at the end.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Eta:
         self.first_done: int | None = None
         self.first_at = self.started
         self.last_logged = -float("inf")
+        self.quarter = 0  # a line at least at every quarter, however fast the steps go
 
     def line(self, done: int, note: str = "") -> str:
         now = self.clock()
@@ -59,8 +61,9 @@ class Eta:
     def __call__(self, done: int, note: str = "") -> None:
         line = self.line(done, note)
         now = self.clock()
-        if done >= self.total or now - self.last_logged >= self.every_s:
-            self.last_logged = now
+        quarter = 4 * done // self.total
+        if done >= self.total or quarter > self.quarter or now - self.last_logged >= self.every_s:
+            self.last_logged, self.quarter = now, quarter
             self.log(line)
 
 

@@ -267,6 +267,7 @@ def fold(
                 "end_s": r["end_s"],
                 "source_hash": r["parent_hash"],
                 "source_modality": modality,
+                "matched_by": "text",
             }
             keep(passages, key, hit)
         elif kind == "text_chunk":
@@ -281,7 +282,7 @@ def fold(
             keep(documents, key, hit)
         elif kind in ("audio", "audio_window"):
             source = r["parent_hash"] or r["content_hash"]
-            key = (source, r["start_s"])
+            key = source  # one hit per sound file: its best window
             hit = {
                 **base,
                 "kind": "sound",
@@ -291,6 +292,8 @@ def fold(
                 "source_modality": modality,
             }
             keep(sounds, key, hit)
+
+    _merge_sounds_into_speech(sounds, passages)
 
     def top(table: dict) -> list[dict]:
         return sorted(table.values(), key=lambda h: -h["score"])[:k]
@@ -302,6 +305,22 @@ def fold(
     for rank, hit in enumerate(out.hits, start=1):
         hit["rank"] = rank
     return out
+
+
+def _merge_sounds_into_speech(sounds: dict, passages: dict) -> None:
+    """A sound that is a found spoken passage (same file, overlapping time) is that passage:
+    one hit, with the text, scored by the better of the two."""
+    for key, sound in list(sounds.items()):
+        for passage in passages.values():
+            if passage["source_hash"] != sound["source_hash"]:
+                continue
+            start, end = sound["start_s"], sound["end_s"]
+            if start is None or (start < passage["end_s"] and passage["start_s"] < end):
+                if sound["score"] > passage["score"]:
+                    passage.update(score=sound["score"], cosine=sound["cosine"])
+                    passage["matched_by"] = "sound"
+                del sounds[key]
+                break
 
 
 def _add_moment(video: dict, frame_hash: str, t: float | None, score: float) -> None:

@@ -216,3 +216,36 @@ def _write_broken_files(folder: Path) -> None:
     (folder / "cut_off.png").write_bytes(data[: len(data) // 2])
     png.unlink()
     (folder / "not_a_video.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+# Shapes for measuring search: caption combos that neither the sample batch's images nor
+# its video scenes show, drawn with their own seeds (not training seeds either).
+HELDOUT_SHAPES = [
+    ("orange", "circle", "purple"),
+    ("purple", "square", "yellow"),
+    ("black", "triangle", "green"),
+    ("white", "cross", "blue"),
+    ("yellow", "circle", "red"),
+    ("green", "square", "black"),
+    ("red", "cross", "white"),
+    ("blue", "square", "green"),
+]
+
+
+def write_heldout_batch(
+    landing_root: Path, batch: str = "heldout-0001", tenant: str = "acme", seed: int = 500
+) -> dict[str, str]:
+    """Held-out shape images without captions (only their pixels can match a query), marked
+    ready; returns caption -> file name."""
+    root = Path(landing_root) / batch
+    root.mkdir(parents=True, exist_ok=True)
+    described, manifest = {}, []
+    for index, spec in enumerate(HELDOUT_SHAPES):
+        img, caption = draw_shape(*spec, size_px=128, seed=seed + index)
+        name = f"shot_{index:02d}.png"  # names say nothing about the content
+        img.save(root / name)
+        described[caption] = name
+        manifest.append({"path": name, "tenant": tenant})
+    (root / MANIFEST).write_text("".join(json.dumps(m) + "\n" for m in manifest))
+    (root / READY_MARKER).touch()
+    return described
