@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 
 import pytest
 
@@ -105,3 +106,47 @@ def test_ingest_refuses_a_folder_name_that_is_no_batch_name(tmp_path, name, mm_h
     with contextlib.redirect_stderr(err):
         code = cli.main(["ingest", str(folder)])
     assert code == 2 and "--batch" in err.getvalue()
+
+
+def test_mm_ingest_reads_an_s3_folder_where_it_is_under_another_batch_name(
+    mm_home, s3_env, monkeypatch, capsys
+):
+    """Nothing is copied into the landing area; the batch remembers its source, so a later
+    run (the UI, a retry) finds the same files."""
+    import uuid
+
+    import boto3
+
+    from mm_pipelines.pipeline.services import Services
+    from mm_pipelines.storage import landing_sources
+    from mm_pipelines.storage.postgres import connect, stop_embedded
+    from mm_pipelines_tests import bad_media
+
+    monkeypatch.setenv("MM_S3_ENDPOINT_URL", s3_env)
+    monkeypatch.setenv("DAGSTER_HOME", str(mm_home / "dagster"))
+    bucket = f"in-{uuid.uuid4().hex[:8]}"
+    s3 = boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="drops/2024-07/photo.png", Body=bad_media.png_bytes())
+    s3.put_object(Bucket=bucket, Key="drops/2024-07/empty.jpg", Body=b"")
+    source = f"s3://{bucket}/drops/2024-07"
+    try:
+        args = ["ingest", source, "--batch", "july", "--tenant", "acme", "--through", "ingest"]
+        assert cli.main(args) == 0
+        out = capsys.readouterr().out
+        assert "✓ raw_media" in out and "2 files, 1 ok, 1 quarantined (empty_file 1)" in out
+        stats = json.loads((mm_home / "stats" / "july_stats.json").read_text())
+        assert (stats["count"], stats["successes"], stats["status_dict"]) == (
+            2,
+            1,
+            {"empty_file": 1},
+        )
+        with connect(Services.from_settings().need_dsn()) as conn:
+            registered = landing_sources.lookup(conn, "july")
+            rows = conn.execute("SELECT source_uri, tenant FROM media_sources").fetchall()
+        assert registered == landing_sources.BatchSource("july", source, "acme")
+        assert sorted(rows) == [(f"{source}/empty.jpg", "acme"), (f"{source}/photo.png", "acme")]
+        assert not (mm_home / "landing").exists()  # read where it is: nothing copied
+        assert cli.main(args) == 0 and "is up to date" in capsys.readouterr().out
+    finally:
+        stop_embedded(mm_home / "pgdata")

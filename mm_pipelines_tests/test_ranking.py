@@ -123,21 +123,20 @@ def test_clock_reads_minutes_and_tenths():
     assert (clock(0), clock(3.04), clock(125.5)) == ("0:00.0", "0:03.0", "2:05.5")
 
 
-def test_a_sound_that_is_a_found_spoken_passage_is_that_passage():
+def test_for_a_text_query_a_sound_that_is_a_found_spoken_passage_is_that_passage():
     seg = dict(parent_hash="a1", start_s=0.5, end_s=4.0, text="customer support")
-    hits = fold(
-        [
-            row("transcript_segment", "audio", "a1", 0.90, **seg),
-            row("audio_window", "audio", "w1", 0.95, parent_hash="a1", start_s=0.0, end_s=2.0),
-            row("audio_window", "audio", "w2", 0.93, parent_hash="a1", start_s=2.0, end_s=4.0),
-            row("audio_window", "audio", "w3", 0.50, parent_hash="a2", start_s=0.0, end_s=2.0),
-        ],
-        "q",
-        "text",
-        k=10,
-    )
+    rows = [
+        row("transcript_segment", "audio", "a1", 0.90, **seg),
+        row("audio_window", "audio", "w1", 0.95, parent_hash="a1", start_s=0.0, end_s=2.0),
+        row("audio_window", "audio", "w2", 0.93, parent_hash="a1", start_s=2.0, end_s=4.0),
+        row("audio_window", "audio", "w3", 0.50, parent_hash="a2", start_s=0.0, end_s=2.0),
+    ]
+    hits = fold(rows, "q", "text", k=10)
     assert [(h["kind"], h.get("source_hash")) for h in hits.hits] == [
         ("speech", "a1"),
         ("sound", "a2"),
     ]
-    assert hits.hits[0]["score"] == 0.95 and hits.hits[0]["text"] == "customer support"
+    assert hits.hits[0]["score"] == 0.90 and hits.hits[0]["text"] == "customer support"
+    # for a sound as the query the sound is the answer: both stay
+    heard = fold(rows, "q", "audio", k=10)
+    assert {h["kind"] for h in heard.hits} == {"speech", "sound"}

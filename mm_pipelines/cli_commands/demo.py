@@ -16,6 +16,7 @@ import json
 import logging
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import warnings
@@ -246,7 +247,11 @@ def _sample_searches(svc: Any) -> dict[str, list[dict[str, Any]]]:
 
     architecture, checkpoint = svc.clip_source()
     models = QueryModels.load(
-        architecture, checkpoint, svc.projector_dir(), svc.choice.whisper_model
+        architecture,
+        checkpoint,
+        svc.projector_dir(),
+        svc.choice.whisper_model,
+        device=svc.compute.torch_device(),
     )
     with connect(svc.need_dsn()) as conn:
         return {q: search(conn, models, q, k=3).hits for q in DEMO_QUERIES}
@@ -256,27 +261,30 @@ def _served_search(query: str) -> dict[str, Any] | None:
     """Start `mm serve` on the bundle just published, search through HTTP, stop it."""
     cmd = [sys.executable, "-m", "mm_pipelines.cli", "serve", "--port", "0", "--no-audio"]
     cmd += ["--log-level", "warning"]  # its start-up lines would interleave with ours
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        first = server.stdout.readline() if server.stdout else ""
-        if "listening on " not in first:
-            print(f"mm serve did not start: {first.strip()}", file=sys.stderr)
-            return None
-        url = first.split("listening on ", 1)[1].split()[0]
-        request = urllib.request.Request(
-            f"{url}/v1/search",
-            data=json.dumps({"query": query, "tenant": "acme", "k": 3}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=120) as response:
-            answer = json.loads(response.read())
-        return {"url": url, "query": query, **answer}
-    finally:
-        server.terminate()
+    with tempfile.TemporaryFile("w+") as log:  # its stderr: shown only if it fails to start
+        server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
         try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            first = server.stdout.readline() if server.stdout else ""
+            if "listening on " not in first:
+                log.seek(0)
+                print(f"mm serve did not start: {first.strip()}", file=sys.stderr)
+                print(log.read()[-2000:], file=sys.stderr)
+                return None
+            url = first.split("listening on ", 1)[1].split()[0]
+            request = urllib.request.Request(
+                f"{url}/v1/search",
+                data=json.dumps({"query": query, "tenant": "acme", "k": 3}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=120) as response:
+                answer = json.loads(response.read())
+            return {"url": url, "query": query, **answer}
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
 
 
 def _line(label: str, text: str) -> str:

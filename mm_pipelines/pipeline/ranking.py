@@ -293,7 +293,8 @@ def fold(
             }
             keep(sounds, key, hit)
 
-    _merge_sounds_into_speech(sounds, passages)
+    if query_modality == "text":  # for a sound as the query, the sound is the answer
+        _merge_sounds_into_speech(sounds, passages)
 
     def top(table: dict) -> list[dict]:
         return sorted(table.values(), key=lambda h: -h["score"])[:k]
@@ -308,17 +309,15 @@ def fold(
 
 
 def _merge_sounds_into_speech(sounds: dict, passages: dict) -> None:
-    """A sound that is a found spoken passage (same file, overlapping time) is that passage:
-    one hit, with the text, scored by the better of the two."""
+    """For a text query, a sound that is a found spoken passage (same file, overlapping
+    time) is that passage: one hit, ranked by its text (the audio head only approximates
+    the transcript's place in the space)."""
     for key, sound in list(sounds.items()):
         for passage in passages.values():
             if passage["source_hash"] != sound["source_hash"]:
                 continue
             start, end = sound["start_s"], sound["end_s"]
             if start is None or (start < passage["end_s"] and passage["start_s"] < end):
-                if sound["score"] > passage["score"]:
-                    passage.update(score=sound["score"], cosine=sound["cosine"])
-                    passage["matched_by"] = "sound"
                 del sounds[key]
                 break
 
