@@ -166,6 +166,21 @@ def test_mm_ingest_of_an_unchanged_folder_does_nothing(landed, state):
     assert proc.returncode == 0 and "is up to date" in proc.stdout, proc.stdout + proc.stderr
 
 
+def test_a_new_file_in_a_landed_batch_requests_that_partition_only(landed, state):
+    from mm_pipelines.defs.ingest.sensors import landing_sensor
+
+    extra = Path(state["MM_HOME"]) / "landing" / HELDOUT / "late_arrival.png"
+    extra.write_bytes((Path(state["MM_HOME"]) / "landing" / HELDOUT / "shot_00.png").read_bytes())
+    try:
+        with in_demo(state) as instance:
+            result = tick(instance, landing_sensor)
+    finally:
+        extra.unlink()
+    assert [r.partition_key for r in result.run_requests] == [HELDOUT]  # not demo-0001
+    with in_demo(state) as instance:
+        assert isinstance(tick(instance, landing_sensor), dg.SkipReason)  # as it was again
+
+
 def _placements(state: dict, described: list[tuple[str, set[str]]]):
     from mm_pipelines.pipeline.search import QueryModels
     from mm_pipelines.pipeline.search_eval import place

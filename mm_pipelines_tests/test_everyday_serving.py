@@ -160,7 +160,9 @@ def test_served_search_names_files_and_ranks_across_kinds(server):
     assert all(h["name"] and "/" not in h["name"] for h in hits)
     assert all(h["matched_frames"] for h in hits if h["kind"] == "video")
     few = requests.post(f"{server}/v1/search", json={**body, "min_score": 0.99}, timeout=60)
-    assert all(h["score"] >= 0.99 for h in few.json()["hits"])
+    strong = few.json()["hits"]
+    assert strong and all(h["score"] >= 0.99 for h in strong)
+    assert [h["name"] for h in strong] == [h["name"] for h in hits if h["score"] >= 0.99]
 
 
 def test_mm_search_asks_the_running_server(server, state):

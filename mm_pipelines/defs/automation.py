@@ -112,8 +112,14 @@ def done_after_ingest(instance: dg.DagsterInstance, batch: str, asset: str) -> b
 
 
 def landing_states(instance: dg.DagsterInstance, landing: Landing) -> list[BatchState]:
-    """Every ready batch of the landing area."""
-    return [batch_state(instance, landing, b) for b in landing.ready_batches()]
+    """Every ready batch of the landing area (one removed while it is read is left out)."""
+    states = []
+    for batch in landing.ready_batches():
+        try:
+            states.append(batch_state(instance, landing, batch))
+        except FileNotFoundError:
+            continue
+    return states
 
 
 # --------------------------------------------------------------------------- subjects

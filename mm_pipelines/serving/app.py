@@ -132,7 +132,8 @@ def _ok(body: dict[str, Any], models: ServingModels) -> JSONResponse:
     return JSONResponse(body, headers={"X-Bundle-Version": models.version})
 
 
-async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+async def _read_json(request: Request, limits: Limits) -> dict[str, Any]:
+    limit = limits.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "body_too_large", f"request body over the {limit}-byte limit")

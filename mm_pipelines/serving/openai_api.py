@@ -146,7 +146,7 @@ def routes(api: core.Api) -> list[Route]:
 
     async def embeddings(request: Request) -> JSONResponse:
         """Embed texts (`input`), or images / audio (extensions) into the unified space."""
-        body = await core._read_json(request, limits.max_body_bytes)
+        body = await core._read_json(request, limits)
         models = api.models()
         model = _check_model(models, body, "embeddings")
         encoding = core._field(
@@ -181,7 +181,7 @@ def routes(api: core.Api) -> list[Route]:
 
     async def generations(request: Request) -> JSONResponse:
         """Images from a prompt with the bundle's generator (the LoRA fused in)."""
-        body = await core._read_json(request, limits.max_body_bytes)
+        body = await core._read_json(request, limits)
         models = api.models()
         model = _check_model(models, body, "images")
         prompt = core._field(body, "prompt", str, check=core._max_len(limits.max_prompt_chars))

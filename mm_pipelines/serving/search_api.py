@@ -47,7 +47,7 @@ def routes(api: core.Api) -> list[Route]:
 
     async def search(request: Request) -> JSONResponse:
         """Search the index for one tenant; one ranked list across modalities."""
-        body = await core._read_json(request, limits.max_body_bytes)
+        body = await core._read_json(request, limits)
         models = api.models()
         tenant = core.request_tenant(
             request,
