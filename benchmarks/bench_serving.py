@@ -53,7 +53,7 @@ def run_client(url: str, path: str, n: int, concurrency: int, kind: str, token: 
 
     def body(i: int) -> bytes:
         q = QUERIES[i % len(QUERIES)]
-        doc = {"text": q} if kind == "embeddings" else {"query": q, "tenant": TENANT, "k": 10}
+        doc = {"input": q} if kind == "embeddings" else {"query": q, "tenant": TENANT, "k": 10}
         return json.dumps(doc).encode()
 
     headers = {"Content-Type": "application/json"}
@@ -243,7 +243,12 @@ def main() -> None:
         pool = ConnectionPool(lambda: dsn, size=args.concurrency)
         calls = {
             "embeddings": models.embed_text,
-            "search": lambda q: pool.run(lambda conn: models.search(conn, q, 10, tenant=TENANT)),
+            # what /v1/search does: embed, then one ranked list across kinds
+            "search": lambda q: pool.run(
+                lambda conn: models.ranked_search(
+                    conn, models.embed_text(q), "text", tenant=TENANT, query=q, k=10
+                )
+            ),
         }
         token = "-" if args.no_auth else admin_key(dsn)
         proc, url = start_server(root / "store", dsn, workers, not args.no_auth)

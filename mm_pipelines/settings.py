@@ -71,6 +71,45 @@ def subjects_file() -> Path:
     return Path(env("MM_SUBJECTS", str(mm_home() / "subjects.yaml")))  # type: ignore[arg-type]
 
 
+def serve_url() -> str | None:
+    """A running `mm serve` that `mm search` asks instead of loading the models itself."""
+    return env("MM_SERVE_URL")
+
+
+def api_key() -> str | None:
+    """The API key `mm search` sends to `MM_SERVE_URL` (`mm keys create`)."""
+    return env("MM_API_KEY")
+
+
+def default_tenant() -> str | None:
+    """The tenant `mm search` / `mm ingest` use when none is given."""
+    return env("MM_TENANT")
+
+
+def quiet_libraries() -> None:
+    """No progress bars from tqdm-based libraries (diffusers, huggingface_hub, ...) in this
+    process and its children: `mm` prints its own progress lines."""
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+# libraries that configure their own loggers on import read these (children inherit them)
+QUIET_LOG_LEVELS = {
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "DIFFUSERS_VERBOSITY": "error",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "CT2_VERBOSE": "-1",  # ctranslate2 (Whisper): errors only
+    "PYTHONWARNINGS": "ignore",
+}
+
+
+def quiet_logs() -> None:
+    """Library log chatter and warnings off for this process and its children (`mm demo`
+    without -v); a value the user set wins."""
+    for key, value in QUIET_LOG_LEVELS.items():
+        os.environ.setdefault(key, value)
+
+
 # --------------------------------------------------------------------------- services
 
 

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,3 +109,32 @@ def base_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mm_pipelines_tests.models.conftest_diffusion import make_base_pipeline_dir
 
     return make_base_pipeline_dir(tmp_path_factory)
+
+
+MM = str(Path(sys.executable).parent / "mm")
+
+
+def run_mm(*args: str, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([MM, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory, demo_clip, base_pipeline_dir):
+    """`mm demo` run once in a fresh MM_HOME, shared by every test that looks at its state
+    (test_cli.py, test_everyday.py); (finished process, its environment)."""
+    home = tmp_path_factory.mktemp("demo") / "mm"
+    # the demo CLIP and the tiny diffusion base of this test session stand in for the ones
+    # `mm demo` would train (their training assets are tested on their own)
+    env = {
+        **os.environ,
+        "MM_HOME": str(home),
+        "MM_CLIP_CHECKPOINT": str(demo_clip.checkpoint_path),
+        "MM_DIFFUSION_BASE": str(base_pipeline_dir),
+    }
+    env.pop("DAGSTER_HOME", None)
+    env.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri exports it in-process
+    for name in ("MM_SERVE_URL", "MM_TENANT", "MM_LANDING", "MM_S3_BUCKET", "MM_PG_DSN"):
+        env.pop(name, None)  # a developer's own deployment must not leak in
+    proc = run_mm("demo", env=env, timeout=1500)
+    yield proc, env
+    run_mm("db", "stop", env=env)

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
+import re
 from pathlib import Path
 
-import pytest
+from mm_pipelines_tests.conftest import run_mm
 
-MM = str(Path(sys.executable).parent / "mm")
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_mm(*args: str, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([MM, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_sample_data_writes_every_modality_and_a_ready_marker(tmp_path):
@@ -27,29 +21,15 @@ def test_sample_data_writes_every_modality_and_a_ready_marker(tmp_path):
     assert (root / "_READY").exists() and (root / "_manifest.jsonl").exists()
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory, demo_clip, base_pipeline_dir):
-    """`mm demo` run once in a fresh MM_HOME; (finished process, its environment)."""
-    home = tmp_path_factory.mktemp("demo") / "mm"
-    # the demo CLIP and the tiny diffusion base of this test session stand in for the ones
-    # `mm demo` would train (their training assets are tested on their own)
-    env = {
-        **os.environ,
-        "MM_HOME": str(home),
-        "MM_CLIP_CHECKPOINT": str(demo_clip.checkpoint_path),
-        "MM_DIFFUSION_BASE": str(base_pipeline_dir),
-    }
-    env.pop("DAGSTER_HOME", None)
-    env.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri exports it in-process
-    proc = run_mm("demo", env=env, timeout=1500)
-    yield proc, env
-    run_mm("db", "stop", env=env)
+def demo_summary(env: dict[str, str]) -> dict:
+    """Everything the demo's steps recorded (no markdown), as the demo wrote it."""
+    return json.loads((Path(env["MM_HOME"]) / "demo-summary.json").read_text())
 
 
 def test_demo_runs_the_graph_and_searches_the_sample_batch(demo):
     proc, env = demo
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads(proc.stdout[proc.stdout.index("{\n") : proc.stdout.index("\n}\n") + 2])
+    summary = demo_summary(env)
     raw = summary["assets"]["raw_media"]
     assert set(raw["by_modality"]) == {"image", "video", "audio", "text"}
     assert raw["quarantined_by_reason"] == {"empty_file": 1, "truncated": 1, "unsupported_type": 1}
@@ -65,15 +45,16 @@ def test_demo_runs_the_graph_and_searches_the_sample_batch(demo):
     assert summary["assets"]["vector_index"]["vectors_written"] > 50
     first_search = proc.stdout.split("$ mm search 'a red circle on a blue background'")[1]
     top_image = next(line for line in first_search.splitlines() if line.strip().startswith("image"))
-    assert "red_circle_on_blue" in top_image or "copy_of_first_photo" in top_image
+    # the duplicated photo is shown under the name it was first seen as, not the copy's
+    assert "red_circle_on_blue.png" in top_image
     assert "mm dev" in proc.stdout
     assert (Path(env["MM_HOME"]) / "dagster" / "dagster.yaml").exists()
 
 
 def test_the_demo_subject_goes_from_selection_to_a_quality_report(demo):
-    proc, _ = demo
+    proc, env = demo
     assert proc.returncode == 0
-    summary = json.loads(proc.stdout[proc.stdout.index("{\n") : proc.stdout.index("\n}\n") + 2])
+    summary = demo_summary(env)
     assert summary["assets"]["lora_training_set"]["images"] == 5
     quality = summary["assets"]["generation_quality"]
     assert quality["adapter_fid"] < 0.9 * quality["base_fid"]  # the demo subject's gate
@@ -85,8 +66,8 @@ def test_the_demo_ends_with_an_approved_exported_and_served_model(demo):
 
     proc, env = demo
     assert proc.returncode == 0
-    served = proc.stdout.split("Served by `mm serve` at ")[1]
-    assert "copy_of_first_photo.png" in served.splitlines()[2]  # the top hit, through HTTP
+    served = proc.stdout.split("Served by `mm serve` at ")[1].splitlines()
+    assert "red_circle_on_blue.png" in "\n".join(served[2:5])  # in the top 3, through HTTP
     home = Path(env["MM_HOME"])
     version = (home / "serving" / "CURRENT").read_text().strip()
     manifest = json.loads((home / "serving" / "bundles" / version / "manifest.json").read_text())
@@ -97,6 +78,37 @@ def test_the_demo_ends_with_an_approved_exported_and_served_model(demo):
     champion = client.get_model_version_by_alias("mm-lora-orange-backdrop", "champion")
     assert str(champion.version) == str(manifest["models"]["diffusion"]["registered_version"])
     assert champion.tags["mm.bundle_version"] == version
+
+
+NOISE = ["DEBUG", " - dagster - ", "it/s]", "Warning", "WARNING", "|---", "![", "Traceback"]
+
+
+def test_the_demo_is_quiet_and_says_how_far_its_long_steps_are(demo):
+    proc, _ = demo
+    assert proc.returncode == 0
+    assert proc.stderr.strip() == "", proc.stderr[-2000:]  # no library logs or warnings
+    found = [n for n in NOISE if n in proc.stdout]
+    assert found == [], found
+    lines = proc.stdout.splitlines()
+    progress = [line for line in lines if re.search(r" \d+/\d+ \(\d+%\)", line)]
+    lora = [line for line in progress if "LoRA" in line]
+    assert any("left" in line for line in lora), lora  # an estimate while it trains
+    assert lora[-1].strip().startswith("LoRA orange-backdrop, step 300/300 (100%), done in")
+    assert len(lines) < 100, len(lines)
+    summary = proc.stdout[proc.stdout.index("Done in") :].split("\n\n")[0].splitlines()
+    assert 4 <= len(summary) <= 10, summary  # read in ten seconds
+
+
+def test_a_second_demo_redoes_nothing(demo):
+    """`mm demo` again: every step is up to date (the same reading of the instance the
+    sensors use), nothing is trained, registered or exported again."""
+    proc, env = demo
+    assert proc.returncode == 0
+    again = run_mm("demo", env=env, timeout=900)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    steps = [line for line in again.stdout.splitlines() if re.match(r"\[\d+/\d+\]", line)]
+    assert steps and all(line.endswith(")") and "up to date" in line for line in steps), steps
+    assert "✓" not in again.stdout  # no step ran
 
 
 def test_rollback_to_an_unknown_bundle_is_a_clear_error(demo):

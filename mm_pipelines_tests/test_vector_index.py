@@ -147,3 +147,17 @@ def test_query_in_an_unsupported_format_is_refused_clearly(pg_dsn, query_models,
             search(conn, query_models, pdf)
         with pytest.raises(SearchError, match="no such file"):
             search(conn, query_models, tmp_path / "missing.png")
+
+
+def test_recall_counts_a_tied_row_as_found(monkeypatch):
+    """Identical vectors (the same frame sampled twice) tie: ANN may return either id."""
+    answers = {
+        True: [{"id": 1, "score": 0.9}, {"id": 2, "score": 0.5}],  # exact
+        False: [{"id": 1, "score": 0.9}, {"id": 3, "score": 0.5}],  # ANN: the twin of 2
+    }
+    monkeypatch.setattr(
+        vectors, "search", lambda conn, q, k, filters=None, exact=False, **kw: answers[exact]
+    )
+    assert vectors.recall_at_k(None, np.zeros((1, 4)), 2) == 1.0
+    answers[False] = [{"id": 1, "score": 0.9}, {"id": 4, "score": 0.4}]  # a real miss
+    assert vectors.recall_at_k(None, np.zeros((1, 4)), 2) == 0.5

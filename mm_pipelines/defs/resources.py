@@ -126,6 +126,21 @@ class LandingResource(dg.ConfigurableResource):
             return S3Landing(self.s3.get_client(), bucket, prefix)
         return LocalLanding(uri)
 
+    def for_batch(self, batch: str, dsn: str) -> tuple[Landing, str | None]:
+        """Where the batch's files are (the landing area, or the folder `mm ingest` was
+        given) and the tenant it was registered with (None: not registered)."""
+        from mm_pipelines.storage import landing_sources
+        from mm_pipelines.storage.landing import open_batch_source
+
+        with connect(dsn) as conn:
+            source = landing_sources.lookup(conn, batch)
+        if source is None:
+            return self.get_landing(), None
+        if not source.source_uri:
+            return self.get_landing(), source.tenant
+        client = self.s3.get_client() if source.source_uri.startswith("s3://") else None
+        return open_batch_source(source.source_uri, batch, client), source.tenant
+
 
 class ServingResource(dg.ConfigurableResource):
     """Where serving bundles are published: a local folder, or `s3://bucket/prefix`

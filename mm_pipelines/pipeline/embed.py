@@ -17,6 +17,7 @@ from mm_pipelines.models.speech import audio_encoder as audio_embed
 from mm_pipelines.models.speech import whisper as speech
 from mm_pipelines.pipeline import model_store as ms
 from mm_pipelines.pipeline import registry
+from mm_pipelines.pipeline.progress import Eta
 from mm_pipelines.pipeline.services import DEMO, UNIFIED, Services
 from mm_pipelines.pipeline.tracking import RunSpec
 from mm_pipelines.storage import embeddings, vectors
@@ -382,10 +383,11 @@ def build_clip_model(
         device = svc.compute.torch_device()
         tracked.params(cfg.to_dict())
 
+        eta = Eta("CLIP training, step", cfg.steps, log)
+
         def progress(step: int, loss: float) -> None:
             tracked.step("loss", loss, step)
-            if step % 250 == 0:
-                log(f"step {step}/{cfg.steps} loss {loss:.3f}")
+            eta(step + 1, f"loss {loss:.3f}")
 
         target = work / WEIGHTS_FILENAME
         result = tiny_clip.train_clip(cfg, device=device, progress=progress, checkpoint_path=target)
@@ -475,6 +477,7 @@ def train_unified_projector(svc: Services, run: RunSpec, log: Progress = _quiet)
     store = svc.need_models()
     with store.staging("projector") as work, svc.need_tracker().run(run) as tracked:
         cfg = proj.ProjectorTrainConfig()
+        eta = Eta("audio head training, step", cfg.steps, log)
         tracked.params({**vars(cfg), "pairs": len(audio)})
         result = proj.train_projector(
             audio,
@@ -484,7 +487,7 @@ def train_unified_projector(svc: Services, run: RunSpec, log: Progress = _quiet)
             bundle.model_version,
             audio_version,
             device=svc.compute.torch_device(),
-            progress=lambda step, loss: tracked.step("loss", loss, step),
+            progress=lambda step, loss: (tracked.step("loss", loss, step), eta(step + 1)),
         )
         version = proj.save_projector(result.projector, work)
         metrics = {k: float(v) for k, v in result.metrics.items()}

@@ -27,6 +27,7 @@ class ExportOutcome:
     replaced_champion: str | None
     max_abs_diff: dict[str, float]
     files: int
+    reused: bool = False  # the version was exported before: that bundle, not a new one
 
 
 def _base_dir_for(svc: Services, candidate: registry.Candidate) -> tuple[Path, str]:
@@ -69,6 +70,8 @@ def export_online_model(
         if not approved:
             raise ExportRefused("no approved LoRA version (none passed its quality gates yet)")
         candidate = approved[-1]
+    if (done := _already_exported(client, serving_store, candidate, log)) is not None:
+        return done
     base_dir, base_version = _base_dir_for(svc, candidate)
     architecture, checkpoint = svc.clip_source()
     store = svc.need_models()
@@ -110,4 +113,40 @@ def export_online_model(
         replaced_champion=f"{candidate.name}/{replaced}" if replaced else None,
         max_abs_diff={name: c["max_abs_diff"] for name, c in checks.items()},
         files=len(result.manifest["files"]),
+    )
+
+
+def _already_exported(
+    client: Any, serving_store: Any, candidate: registry.Candidate, log: Callable[[str], None]
+) -> ExportOutcome | None:
+    """A version exported before is not exported again: its bundle is put back online if
+    another one is (a pointer switch), else nothing changes."""
+    import json
+
+    from mm_pipelines.serving.manifest import MANIFEST
+    from mm_pipelines.serving.store import bundle_key, current_version, rollback
+
+    bundle = candidate.tags.get(registry.BUNDLE_TAG)
+    raw = serving_store.read_bytes(bundle_key(bundle, MANIFEST)) if bundle else None
+    if raw is None:
+        return None  # never exported, or its bundle is not in this store
+    manifest = json.loads(raw)
+    online = current_version(serving_store)
+    replaced_bundle = replaced = None
+    if online != bundle:
+        log(f"{candidate.key} was exported as bundle {bundle}: putting it back online")
+        replaced_bundle = rollback(serving_store, bundle)["replaced"]
+        replaced = registry.promote(client, candidate.name, candidate.version, bundle)
+    else:
+        log(f"{candidate.key} is online already as bundle {bundle}: nothing to export")
+    checks = manifest.get("verification", {}).get("checks", {})
+    return ExportOutcome(
+        bundle_version=bundle,
+        bundle_uri=serving_store.uri(bundle_key(bundle)),
+        replaced_bundle=replaced_bundle,
+        lora=candidate.key,
+        replaced_champion=f"{candidate.name}/{replaced}" if replaced else None,
+        max_abs_diff={name: c["max_abs_diff"] for name, c in checks.items()},
+        files=len(manifest.get("files", {})),
+        reused=True,
     )

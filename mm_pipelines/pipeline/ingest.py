@@ -49,6 +49,7 @@ class IngestReport:
     reused_rows: int = 0
     bytes_read: int = 0
     elapsed_s: float = 0.0
+    landing_digest: str = ""  # what the batch held when listed (Landing.digest)
     by_modality: Counter = field(default_factory=Counter)
     quarantined_by_reason: Counter = field(default_factory=Counter)
 
@@ -91,6 +92,7 @@ class IngestReport:
             "unchanged_files_skipped": self.reused_rows,
             "bytes": self.bytes_total,
             "seconds": round(self.elapsed_s, 3),
+            "landing_digest": self.landing_digest,
         }
 
 
@@ -125,7 +127,7 @@ def ingest_batch(
     with connect(dsn) as conn:
         previous = catalog.previous_sources(conn, batch)
 
-    report = IngestReport(batch, rows=[])
+    report = IngestReport(batch, rows=[], landing_digest=landing.digest(batch, (files, refused)))
     objects: dict[str, ObjectRow] = {}
     todo: list[LandingFile] = []
     for item in files:

@@ -24,6 +24,7 @@ from mm_pipelines.models.common import encode_image, image_grid, weights_version
 from mm_pipelines.pipeline import model_store as ms
 from mm_pipelines.pipeline import registry, subjects
 from mm_pipelines.pipeline.curate import selection as curate_selection
+from mm_pipelines.pipeline.progress import Eta
 from mm_pipelines.pipeline.services import DEMO, Services
 from mm_pipelines.pipeline.tracking import RunSpec
 from mm_pipelines.storage import generated
@@ -81,11 +82,12 @@ def build_base_model(
     with store.staging("diffusion-base") as work, svc.need_tracker().run(run) as tracked:
         tracked.params({**dataclasses.asdict(cfg), "images": len(rows)})
 
-        def progress(name: str) -> Callable[[int, float], None]:
+        def progress(name: str, what: str, total: int) -> Callable[[int, float], None]:
+            eta = Eta(f"diffusion base {what} training, step", total, log)
+
             def report(step: int, loss: float) -> None:
                 tracked.step(name, loss, step)
-                if step % 100 == 0:
-                    log(f"{name} step {step}: {loss:.4f}")
+                eta(step + 1, f"loss {loss:.4f}")
 
             return report
 
@@ -95,8 +97,8 @@ def build_base_model(
             train_config=cfg,
             device=svc.compute.torch_device(),
             output_dir=work,
-            progress=progress("unet_loss"),
-            vae_progress=progress("vae_loss"),
+            progress=progress("unet_loss", "UNet", cfg.unet_steps),
+            vae_progress=progress("vae_loss", "VAE", cfg.vae_steps),
         )
         version = weights_version(work, "sd")
         tracked.metrics({"train_seconds": result.seconds})
@@ -289,6 +291,53 @@ class AdapterResult:
     train_seconds: float
     run_url: str
     validation_png: bytes | None = None
+    reused: bool = False  # the registered version trained from the same inputs, not retrained
+
+
+def training_key(subject: subjects.Subject, ts_version: str, base_version: str, cfg: Any) -> str:
+    """What an adapter follows from: training set, base model, every setting (not whether to
+    resume) and the validation metric. The same key means the same adapter: it is not
+    trained or registered again."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
+    blob = json.dumps(
+        [ts_version, base_version, settings, subject.validation_metric, subject.class_prompt],
+        sort_keys=True,
+        default=str,
+    )
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _reuse_registered(svc: Services, subject: str, key: str) -> AdapterResult | None:
+    """The registered version trained from `key`, made the subject's current adapter again;
+    None when there is none (or its files left the model store)."""
+    tracker = svc.need_tracker()
+    client = tracker.client()
+    mv = registry.find_version(
+        client, registry.lora_model_name(subject), registry.TRAINING_KEY_TAG, key
+    )
+    if mv is None or "adapter_version" not in (mv.tags or {}):
+        return None
+    version = f"{mv.tags['adapter_version']}-v{mv.version}"
+    store = svc.need_models()
+    try:
+        store.get(ms.ADAPTER, subject, version)
+    except ms.ArtifactNotFound:
+        return None
+    store.set_current(ms.ADAPTER, subject, version)
+    run = client.get_run(mv.run_id)
+    losses = client.get_metric_history(mv.run_id, "loss")
+    final = run.data.metrics.get("final_loss", losses[-1].value if losses else float("nan"))
+    return AdapterResult(
+        adapter_record(svc, subject),
+        None,
+        min(losses, key=lambda m: m.step).value if losses else float("nan"),
+        final,
+        False,
+        None,
+        0.0,
+        tracker.run_url(run.info.experiment_id, mv.run_id),
+        reused=True,
+    )
 
 
 def checkpoint_name(subject: str, ts_version: str, base_version: str, cfg: Any, metric: str) -> str:
@@ -322,6 +371,13 @@ def train_adapter(
     )
     if steps:
         cfg = dataclasses.replace(cfg, steps=steps)
+    key = training_key(subject, ts.version, base_version, cfg)
+    if (reused := _reuse_registered(svc, subject.name, key)) is not None:
+        log(
+            f"{reused.record.registered_model} v{reused.record.registered_version} was trained "
+            "from the same training set, base model and settings: reused, not retrained"
+        )
+        return reused
     features = None
     if subject.validation_metric == "clip_distance":
         features = clip_features(svc.load_clip())
@@ -350,10 +406,11 @@ def train_adapter(
             }
         )
 
+        eta = Eta(f"LoRA {subject.name}, step", cfg.steps, log)
+
         def on_step(step: int, loss: float) -> None:
             tracked.step("loss", loss, step)
-            if step % 50 == 0:
-                log(f"step {step}/{cfg.steps} loss {loss:.4f}")
+            eta(step, f"loss {loss:.4f}")
 
         def on_validation(step: int, images: list, value: float | None) -> None:
             grid = image_grid([g.image for g in images])
@@ -406,15 +463,24 @@ def train_adapter(
         # the registered version is known only after registering; the record in the store
         # is written once with it (artifacts are immutable)
         tracked.artifacts(result.adapter_dir, "adapter")
-        record.registered_version = tracked.register(
-            "adapter",
-            name,
-            tags={
-                "subject": subject.name,
-                "adapter_version": adapter_version,
-                "base_model_version": base_version,
-                "training_set_version": ts.version,
-            },
+        # the very same weights registered before: that version, not a second one
+        same = registry.find_version(
+            tracked.tracker.client(), name, "adapter_version", adapter_version
+        )
+        record.registered_version = (
+            str(same.version)
+            if same
+            else tracked.register(
+                "adapter",
+                name,
+                tags={
+                    "subject": subject.name,
+                    "adapter_version": adapter_version,
+                    "base_model_version": base_version,
+                    "training_set_version": ts.version,
+                    registry.TRAINING_KEY_TAG: key,
+                },
+            )
         )
         metadata = {k: v for k, v in dataclasses.asdict(record).items() if k not in _LOCAL_FIELDS}
         stored = store.put(

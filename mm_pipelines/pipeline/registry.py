@@ -24,6 +24,8 @@ CANDIDATE = "candidate"
 CHAMPION = "champion"
 GATE_TAG = "mm.quality_gate"
 GATE_FAILURES_TAG = "mm.gate_failures"
+BUNDLE_TAG = "mm.bundle_version"  # set on a version once it is exported and published
+TRAINING_KEY_TAG = "mm.training_key"  # what the adapter was trained from (lora.training_key)
 
 
 def lora_model_name(subject: str) -> str:
@@ -104,7 +106,7 @@ def promote(client: Any, name: str, version: str, bundle_version: str) -> str | 
         client.set_model_version_tag(name, previous, "mm.replaced_by", str(version))
     client.set_registered_model_alias(name, CHAMPION, str(version))
     client.set_model_version_tag(name, str(version), "mm.online_since", now)
-    client.set_model_version_tag(name, str(version), "mm.bundle_version", bundle_version)
+    client.set_model_version_tag(name, str(version), BUNDLE_TAG, bundle_version)
     return previous if previous != str(version) else None
 
 
@@ -119,6 +121,18 @@ def latest_version(client: Any, name: str) -> dict[str, str]:
         "registered_version": str(mv.version),
         "mlflow_run_id": mv.run_id,
     }
+
+
+def find_version(client: Any, name: str, tag: str, value: str) -> Any | None:
+    """The newest version of `name` whose tag `tag` equals `value` (None when none)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    found = [v for v in versions if (v.tags or {}).get(tag) == value]
+    return max(found, key=lambda v: int(v.version)) if found else None
 
 
 def apply_gate(client: Any, name: str, version: str, failures: list[str]) -> None:

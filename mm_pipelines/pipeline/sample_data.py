@@ -52,6 +52,8 @@ _VIDEOS = [
         "clip_08.ogg",
     ),
 ]
+_AUDIO_CLIPS = ("clip_01.ogg", "clip_03.ogg", "clip_05.ogg")
+_BROKEN = ("empty.jpg", "whole.png", "cut_off.png", "not_a_video.mp4")
 # Manifest labels the curation heads learn from (`content_heads`). The shapes world has no
 # NSFW content, so the demo stands one in: anything on a purple background is "unsafe"
 # (two images; no video scene, demo query or LoRA subject has one); the five studio shots
@@ -143,6 +145,19 @@ def scene_frames(
             yield frame
 
 
+def sample_files() -> set[str]:
+    """Every path (relative to the batch folder) `write_sample_batch` writes."""
+    files = {READY_MARKER, MANIFEST, "images/copy_of_first_photo.png"}
+    for index, (colour, shape, background) in enumerate(_IMAGES):
+        ext = "jpg" if index % 3 == 2 else "png"
+        files.add(f"images/{colour}_{shape}_on_{background}.{ext}")
+    files |= {f"video/{name}" for name, _, _ in _VIDEOS}
+    files |= {f"audio/{clip}" for clip in _AUDIO_CLIPS}
+    files |= set(_TEXTS)
+    files |= {f"broken/{name}" for name in _BROKEN}
+    return files
+
+
 def write_sample_batch(
     landing_root: Path, batch: str = "demo-0001", tenant: str = "acme", overwrite: bool = False
 ) -> Path:
@@ -155,12 +170,24 @@ def write_sample_batch(
     if (root / READY_MARKER).exists() and not overwrite:
         return root
     if root.exists():
-        shutil.rmtree(root)
-    (root / "images").mkdir(parents=True)
-    (root / "video").mkdir()
-    (root / "audio").mkdir()
-    (root / "docs").mkdir()
-    (root / "broken").mkdir()
+        # never delete or overwrite what we did not write: only our own files are rewritten
+        ours = sample_files()
+        foreign = sorted(
+            p.relative_to(root).as_posix()
+            for p in root.rglob("*")
+            if (p.is_file() or p.is_symlink()) and p.relative_to(root).as_posix() not in ours
+        )
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (
+                f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            )
+            raise FileExistsError(
+                f"{root} already holds files the sample batch does not write ({shown}): "
+                "left untouched; choose another --batch or folder"
+            )
+        (root / READY_MARKER).unlink(missing_ok=True)  # not ready until rewritten whole
+    for sub in ("images", "video", "audio", "docs", "broken"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
     manifest: list[dict] = []
 
     for index, (colour, shape, background) in enumerate(_IMAGES):
@@ -184,7 +211,7 @@ def write_sample_batch(
         manifest.append(
             {"path": f"video/{name}", "caption": clips[clip], "tenant": tenant, "label": "safe"}
         )
-    for clip in ("clip_01.ogg", "clip_03.ogg", "clip_05.ogg"):
+    for clip in _AUDIO_CLIPS:
         shutil.copyfile(SPEECH_DIR / clip, root / "audio" / clip)
         manifest.append({"path": f"audio/{clip}", "tenant": tenant, "label": "safe"})
     for rel, text in _TEXTS.items():
@@ -207,3 +234,36 @@ def _write_broken_files(folder: Path) -> None:
     (folder / "cut_off.png").write_bytes(data[: len(data) // 2])
     png.unlink()
     (folder / "not_a_video.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+# Shapes for measuring search: caption combos that neither the sample batch's images nor
+# its video scenes show, drawn with their own seeds (not training seeds either).
+HELDOUT_SHAPES = [
+    ("orange", "circle", "purple"),
+    ("purple", "square", "yellow"),
+    ("black", "triangle", "green"),
+    ("white", "cross", "blue"),
+    ("yellow", "circle", "red"),
+    ("green", "square", "black"),
+    ("red", "cross", "white"),
+    ("blue", "square", "green"),
+]
+
+
+def write_heldout_batch(
+    landing_root: Path, batch: str = "heldout-0001", tenant: str = "acme", seed: int = 500
+) -> dict[str, str]:
+    """Held-out shape images without captions (only their pixels can match a query), marked
+    ready; returns caption -> file name."""
+    root = Path(landing_root) / batch
+    root.mkdir(parents=True, exist_ok=True)
+    described, manifest = {}, []
+    for index, spec in enumerate(HELDOUT_SHAPES):
+        img, caption = draw_shape(*spec, size_px=128, seed=seed + index)
+        name = f"shot_{index:02d}.png"  # names say nothing about the content
+        img.save(root / name)
+        described[caption] = name
+        manifest.append({"path": name, "tenant": tenant})
+    (root / MANIFEST).write_text("".join(json.dumps(m) + "\n" for m in manifest))
+    (root / READY_MARKER).touch()
+    return described

@@ -15,6 +15,7 @@ from PIL import Image
 from mm_pipelines.models.common import contact_sheet, encode_image
 from mm_pipelines.models.speech import whisper as speech
 from mm_pipelines.models.video import frames as fr
+from mm_pipelines.pipeline.progress import Eta
 from mm_pipelines.pipeline.services import Services
 from mm_pipelines.storage import catalog, understand
 from mm_pipelines.storage.postgres import connect
@@ -64,6 +65,7 @@ def sample_video_frames(
             s.version: set(understand.pending_samplings(conn, videos, s.version)) for s in parsed
         }
     sampled = failed = 0
+    eta = Eta("sampling frames, video", len(videos), log)
     for number, video in enumerate(videos, start=1):
         wanted = [s for s in parsed if video in todo[s.version]]
         if not wanted:
@@ -84,7 +86,7 @@ def sample_video_frames(
                     conn, video, strategy.version, outcome, rows.get(strategy.version, []),
                     report.decoder,
                 )  # fmt: skip
-        log(f"video {number}/{len(videos)}: {dict(report.counts)} via {report.decoder}")
+        eta(number, f"{sum(report.counts.values())} frames via {report.decoder}")
 
     with connect(dsn) as conn:
         all_frames = understand.batch_frames(conn, batch)
@@ -169,6 +171,7 @@ def transcribe_batch(
     started = time.perf_counter()
     audio_s, failed = 0.0, 0
     if pending:
+        eta = Eta("transcribing, file", len(pending), log)
         whisper = speech.load_model(model, device=svc.compute.torch_device())
         paths = [store.local_path(h) for h in pending]
         results = speech.iter_transcripts(
@@ -193,7 +196,7 @@ def transcribe_batch(
                     result.language_probability,
                     result.duration_s,
                 )
-            log(f"transcribed {done}/{len(pending)}: {content_hash[:12]}")
+            eta(done)
     elapsed = time.perf_counter() - started
     with connect(dsn) as conn:
         rows = understand.batch_transcripts(conn, batch, version)

@@ -1,15 +1,21 @@
 """The serving HTTP API (ASGI, Starlette).
 
-Starlette rather than FastAPI: four endpoints with a handful of fields each do not need
-pydantic models or generated docs, and the limits have to act before any parsing (the
-body is counted while it streams in, so an oversized upload is refused at the limit, not
-after it is held in memory); FastAPI would add a validation layer whose 422 bodies echo
-the client's input back. FastAPI is itself built on Starlette, so nothing is lost.
+Endpoints: OpenAI-compatible `/v1/embeddings`, `/v1/images/generations` and `/v1/models`
+(serving/openai_api.py), `/v1/search` (serving/search_api.py), the search page and
+`/v1/media/{hash}` (serving/ui.py), `/openapi.json` (serving/openapi.py), `/healthz`.
+
+Starlette rather than FastAPI: a handful of endpoints with a few fields each do not need
+pydantic models or generated docs (the OpenAPI document is written by hand), and the
+limits have to act before any parsing (the body is counted while it streams in, so an
+oversized upload is refused at the limit, not after it is held in memory); FastAPI would
+add a validation layer whose 422 bodies echo the client's input back. FastAPI is itself
+built on Starlette, so nothing is lost.
 
 Model work runs in worker threads (``anyio.to_thread``) behind a limiter sized to the
 CPU count, so the event loop keeps accepting and answering (health, 4xx) while models
 compute. Every answer names the bundle it was computed with (body and header
-``X-Bundle-Version``); errors are JSON ``{"error": {"code", "message"}}`` with a 4xx
+``X-Bundle-Version``); errors are JSON ``{"error": {"code", "message", "type"}}`` (OpenAI's
+shape) with a 4xx
 for the client's mistakes and a bare 500 for ours (the traceback stays in the log).
 """
 
@@ -55,6 +61,9 @@ class Limits:
     max_steps: int = 50
     max_prompt_chars: int = 1000
     body_timeout_s: float = 30.0  # a stalled upload is answered 408, not held open forever
+    max_inputs: int = 64  # items in one /v1/embeddings request
+    max_images: int = 4  # `n` of one /v1/images/generations request
+    max_image_side: int = 1024  # generated width/height
 
 
 class ConnectionPool:
@@ -133,7 +142,10 @@ class ApiError(Exception):
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+    # OpenAI's error shape (clients parse `type`); `code` is ours, stable across versions
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"code": code, "message": message, "type": kind, "param": None}}
+    return JSONResponse(body, status_code=status)
 
 
 def _ok(body: dict[str, Any], models: ServingModels) -> JSONResponse:
@@ -214,29 +226,69 @@ def _b64(body: dict, name: str) -> bytes:
         raise ApiError(400, "bad_base64", f"'{name}' is not valid base64") from err
 
 
+def request_tenant(request: Request, given: Any) -> str:
+    """The tenant a request acts for: a tenant key's own (naming another one is a 403), else
+    the one the request names (body field or `?tenant=`: admin keys, `--no-auth`)."""
+    bound = auth.request_tenant(request, {} if given is None else {"tenant": given})
+    if bound is not None:
+        return bound
+    if not isinstance(given, str) or not given.strip():
+        raise ApiError(400, "missing_field", "'tenant' is required")
+    return given
+
+
+@dataclass
+class Api:
+    """What the endpoint modules are given: the current bundle, the catalog, the media store
+    and the limits, with the thread pools model work and index queries run in."""
+
+    manager: BundleManager
+    pool: ConnectionPool | None
+    limits: Limits
+    media: Any
+    limiter: anyio.CapacityLimiter
+    db_limiter: anyio.CapacityLimiter
+
+    def models(self) -> ServingModels:
+        self.manager.nudge()
+        models = self.manager.current  # taken once: this request's bundle to the end
+        if models is None:
+            raise ApiError(503, "no_bundle", "no serving bundle is loaded yet")
+        return models
+
+    async def compute(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    async def db(self, fn: Callable[[Any], Any]) -> Any:
+        """`fn(connection)` on a pooled catalog connection, in the index-query pool."""
+        pool = self.pool
+        if pool is None:
+            raise ApiError(503, "no_catalog", "this server has no catalog database configured")
+        try:
+            return await anyio.to_thread.run_sync(pool.run, fn, limiter=self.db_limiter)
+        except psycopg.OperationalError as err:
+            log.warning("catalog unavailable: %s", err)
+            raise ApiError(503, "catalog_unavailable", "the catalog is unavailable") from err
+
+
 def create_app(
     manager: BundleManager,
     pool: ConnectionPool | None = None,
     limits: Limits = Limits(),
     workers: int | None = None,
     keys: auth.Authenticate | None = None,
+    media: Any = None,
 ) -> Starlette:
     """`keys`: how a bearer token becomes an API key (None: no keys, `mm serve --no-auth`)."""
+    from mm_pipelines.serving import openai_api, openapi, search_api, ui
+
     limiter = anyio.CapacityLimiter(workers or max(1, os.cpu_count() or 1))
     # index queries wait on Postgres, not on our CPU: as many in flight as pooled connections
     db_limiter = anyio.CapacityLimiter(pool.size if pool is not None else 1)
-
-    def models_or_503() -> ServingModels:
-        manager.nudge()
-        models = manager.current  # taken once: this request's bundle to the end
-        if models is None:
-            raise ApiError(503, "no_bundle", "no serving bundle is loaded yet")
-        return models
-
-    async def compute(fn: Callable[..., Any], *args: Any) -> Any:
-        return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
+    api = Api(manager, pool, limits, media, limiter, db_limiter)
 
     async def healthz(request: Request) -> JSONResponse:
+        """Liveness and the loaded bundle's models (503 until a bundle is loaded)."""
         manager.nudge()
         models = manager.current
         status = _public_status(manager.status())
@@ -244,74 +296,6 @@ def create_app(
             return JSONResponse({"status": "no_bundle", **status}, status_code=503)
         body = {"status": "ok", "models": models.describe(), **status}
         return _ok(body, models)
-
-    async def embeddings(request: Request) -> JSONResponse:
-        body = await _read_json(request, limits)
-        models = models_or_503()
-        given = [k for k in ("text", "image_base64", "audio_base64") if body.get(k) is not None]
-        if len(given) != 1:
-            raise ApiError(
-                400, "bad_input", "give exactly one of 'text', 'image_base64', 'audio_base64'"
-            )
-        if given[0] == "text":
-            text = _field(body, "text", str, check=_max_len(limits.max_text_chars))
-            vec = await compute(models.embed_text, text)
-        elif given[0] == "image_base64":
-            vec = await compute(
-                models.embed_image, _b64(body, "image_base64"), limits.max_image_pixels
-            )
-        else:
-            data = _b64(body, "audio_base64")
-            vec = await compute(models.embed_audio, data, limits.max_audio_seconds)
-        return _ok({"embedding": vec.tolist(), "dim": int(vec.shape[0]), "input": given[0]}, models)
-
-    async def search(request: Request) -> JSONResponse:
-        body = await _read_json(request, limits)
-        models = models_or_503()
-        query = _field(body, "query", str, check=_max_len(limits.max_text_chars))
-        tenant = auth.request_tenant(request, body) or _field(
-            body, "tenant", str, check=lambda v: None if v.strip() else "is empty"
-        )
-        k = _field(body, "k", int, 10, check=_in_range(1, limits.max_k))
-        modalities = _field(body, "modalities", list, None, check=_subset(MODALITIES))
-        batches = _field(body, "batches", list, None, check=_strings)
-        if pool is None:
-            raise ApiError(503, "no_catalog", "this server has no catalog database configured")
-
-        vector = await compute(models.embed_text, query)
-
-        def run() -> list[dict[str, Any]]:
-            return pool.run(
-                lambda conn: models.search(
-                    conn, vector, k, tenant=tenant, modalities=modalities, batches=batches
-                )
-            )
-
-        try:
-            hits = await anyio.to_thread.run_sync(run, limiter=db_limiter)
-        except psycopg.OperationalError as err:
-            log.warning("catalog unavailable: %s", err)
-            raise ApiError(503, "catalog_unavailable", "the catalog is unavailable") from err
-        hits = auth.visible_hits(request, hits)
-        return _ok({"query": query, "tenant": tenant, "k": k, "hits": hits}, models)
-
-    async def generations(request: Request) -> JSONResponse:
-        body = await _read_json(request, limits)
-        models = models_or_503()
-        prompt = _field(body, "prompt", str, check=_max_len(limits.max_prompt_chars))
-        seed = _field(body, "seed", int, 0, check=_in_range(0, 2**63 - 1))
-        steps = _field(body, "steps", int, 25, check=_in_range(1, limits.max_steps))
-        guidance = _field(body, "guidance_scale", (int, float), 5.0, check=_in_range(0, 30))
-        png = await compute(models.generate, prompt, seed, steps, float(guidance))
-        out = {
-            "image_base64": base64.b64encode(png).decode(),
-            "format": "png",
-            "prompt": prompt,
-            "seed": seed,
-            "steps": steps,
-            "guidance_scale": float(guidance),
-        }
-        return _ok(out, models)
 
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
@@ -340,13 +324,15 @@ def create_app(
         if keys is not None
         else []
     )
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        *openai_api.routes(api),  # /v1/embeddings, /v1/images/generations, /v1/models
+        *search_api.routes(api),  # /v1/search
+        *ui.routes(api),  # the search page and /v1/media/{content_hash}
+    ]
+    routes.append(openapi.route(routes))  # /openapi.json, describing all of the above
     app = Starlette(
-        routes=[
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/v1/embeddings", embeddings, methods=["POST"]),
-            Route("/v1/search", search, methods=["POST"]),
-            Route("/v1/images/generations", generations, methods=["POST"]),
-        ],
+        routes=routes,
         exception_handlers={
             ApiError: on_api_error,
             InputError: on_input_error,

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import anyio
 import psycopg
@@ -31,7 +31,9 @@ from mm_pipelines.storage.api_keys import ApiKey
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/healthz"})  # probes carry no key; it shows no secrets
+# probes carry no key; the search page and the API description hold no data
+PUBLIC_PATHS = frozenset({"/healthz", "/", "/openapi.json"})
+MEDIA_PREFIX = "/v1/media/"  # <img> and <video> cannot send headers: `?key=` there
 MISSING_KEY = (
     "an API key is required: send it as 'Authorization: Bearer <key>' "
     "(an operator creates one with `mm keys create --tenant T`)"
@@ -128,6 +130,9 @@ def _bearer(scope: dict) -> str | None:
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
             return None
+    if scope.get("method") == "GET" and scope["path"].startswith(MEDIA_PREFIX):
+        keys = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("key")
+        return keys[0].strip() or None if keys else None
     return None
 
 

@@ -97,6 +97,7 @@ class ServingModels:
     whisper: Any = None  # audio_embed.WhisperEncoder, None when not loaded
     pipeline: Any = None  # diffusers pipeline, None when the bundle has none
     _generate_lock: threading.Lock = field(default_factory=threading.Lock)
+    _calibrations: Any = field(default_factory=lambda: _calibration_cache())
 
     # ------------------------------------------------------------------- loading
 
@@ -162,6 +163,11 @@ class ServingModels:
             out[row, : len(ids)] = torch.tensor(ids)
         return out
 
+    def count_tokens(self, text: str) -> int:
+        """CLIP tokens the text is embedded from (its chunks with their start/end tokens)."""
+        tokens = self._text_tokens(text) if isinstance(text, str) and text.strip() else None
+        return int((tokens != 0).sum()) if tokens is not None else 0
+
     def embed_text(self, text: str) -> np.ndarray:
         """The unified-space vector of a text query (long text: mean over its chunks)."""
         if not isinstance(text, str) or not text.strip():
@@ -220,13 +226,20 @@ class ServingModels:
     # ------------------------------------------------------------------- generation
 
     def generate_array(
-        self, prompt: str, seed: int, steps: int, guidance_scale: float = 5.0
+        self,
+        prompt: str,
+        seed: int,
+        steps: int,
+        guidance_scale: float = 5.0,
+        size: tuple[int, int] | None = None,
     ) -> np.ndarray:
-        """[H, W, 3] float32 in [0, 1]; the same seed gives the same image on any device."""
+        """[H, W, 3] float32 in [0, 1]; the same seed gives the same image on any device.
+        `size` (width, height) defaults to the model's own resolution."""
         from mm_pipelines.models.diffusion.generate import seed_generators
 
         if self.pipeline is None:
             raise InputError("this bundle has no image generator", "no_generator", 422)
+        width, height = size or (None, None)
         with self._generate_lock, torch.no_grad():
             result = self.pipeline(
                 prompt=[prompt],
@@ -234,14 +247,29 @@ class ServingModels:
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,
                 output_type="np",
+                width=width,
+                height=height,
             )
         return np.asarray(result.images[0], np.float32)
 
+    @property
+    def native_size(self) -> tuple[int, int] | None:
+        """(width, height) the generator was trained at; None without a generator."""
+        if self.pipeline is None:
+            return None
+        side = int(self.pipeline.unet.config.sample_size) * int(self.pipeline.vae_scale_factor)
+        return side, side
+
     def generate(
-        self, prompt: str, seed: int, steps: int = 25, guidance_scale: float = 5.0
+        self,
+        prompt: str,
+        seed: int,
+        steps: int = 25,
+        guidance_scale: float = 5.0,
+        size: tuple[int, int] | None = None,
     ) -> bytes:
         """PNG bytes of one generated image."""
-        pixels = self.generate_array(prompt, seed, steps, guidance_scale)
+        pixels = self.generate_array(prompt, seed, steps, guidance_scale, size)
         image = Image.fromarray((pixels * 255).round().clip(0, 255).astype(np.uint8))
         buf = io.BytesIO()
         image.save(buf, format="PNG")
@@ -284,6 +312,46 @@ class ServingModels:
             )
         return [_public_hit(h) for h in hits]
 
+    def ranked_search(
+        self,
+        conn: Any,
+        vector: np.ndarray,
+        query_modality: str,
+        *,
+        tenant: str,
+        query: str = "",
+        k: int = 10,
+        modalities: list[str] | None = None,
+        batches: list[str] | None = None,
+        min_score: float = 0.0,
+    ) -> Any:
+        """One ranked list across modalities (pipeline.ranking) for one tenant, with score
+        calibration fitted on the index once and reused until the index changes."""
+        from mm_pipelines.pipeline import ranking
+
+        if not tenant or not isinstance(tenant, str):
+            raise InputError("tenant is required", "tenant_required")
+        if not _has_projector(conn, self.projector_version):
+            raise InputError(
+                f"the index has no vectors of projector {self.projector_version}: "
+                "materialize vector_index with this bundle's models",
+                "index_mismatch",
+                409,
+            )
+        return ranking.search_vector(
+            conn,
+            np.asarray(vector, np.float32),
+            query_modality,
+            self.projector_version,
+            query=query,
+            k=k,
+            tenant=tenant,
+            batches=batches,
+            modalities=modalities,
+            min_score=min_score,
+            calibration=self._calibrations.get(conn, self.projector_version),
+        )
+
     # ------------------------------------------------------------------- checks
 
     def self_check(self, include_diffusion: bool = True) -> dict[str, float]:
@@ -315,6 +383,12 @@ class ServingModels:
         over = {k: v for k, v in diffs.items() if k in checks and v > checks[k]["bound"]}
         if over:
             raise BundleIntegrityError(f"{self.version}: outputs differ beyond bounds: {over}")
+
+
+def _calibration_cache() -> Any:
+    from mm_pipelines.pipeline.ranking import CalibrationCache
+
+    return CalibrationCache()
 
 
 def _unsealed_manifest(root: Path) -> dict[str, Any]:

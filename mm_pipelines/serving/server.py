@@ -3,6 +3,8 @@
     mm serve [--store PATH|s3://bucket/prefix] [--host 127.0.0.1] [--port 8000] [--dsn DSN]
              [--no-auth]
 
+Serves the API (serving/app.py; /openapi.json describes it) and the search page on `/`.
+
 ``--port 0`` picks a free port. The first stdout line is
 ``mm serve: listening on http://HOST:PORT (bundle VERSION)`` (VERSION is ``none`` until a
 bundle is published; the server then picks it up by itself). Every request but /healthz
@@ -20,29 +22,59 @@ from mm_pipelines import settings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mm serve", description=__doc__.split("\n\n")[0])
+    from mm_pipelines.helpformat import Defaults
+    from mm_pipelines.serving.app import Limits
+
+    p = argparse.ArgumentParser(
+        prog="mm serve",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=Defaults,
+    )
     p.add_argument(
         "--store",
         default=settings.serving_store(),
-        help="serving store: a folder or s3://bucket/prefix (env MM_SERVING_STORE; "
-        "default $MM_HOME/serving)",
+        help="serving store: a folder or s3://bucket/prefix (default: MM_SERVING_STORE, "
+        "else $MM_HOME/serving; here %(default)s)",
     )
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     p.add_argument("--port", type=int, default=8000, help="0: any free port")
     p.add_argument(
         "--dsn",
         default=settings.pg_dsn(),
-        help="catalog for /v1/search (env MM_PG_DSN; default: the embedded server)",
+        help="catalog for /v1/search and /v1/media (env MM_PG_DSN; default: the embedded server)",
     )
-    p.add_argument("--cache-dir", default=None, help="local copies of S3 bundles")
-    p.add_argument("--poll-seconds", type=float, default=5.0, help="how often to look at CURRENT")
-    p.add_argument("--workers", type=int, default=None, help="model threads (default: CPUs)")
-    p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per request")
-    p.add_argument("--max-body-bytes", type=int, default=None)
-    p.add_argument("--max-image-pixels", type=int, default=None)
-    p.add_argument("--max-audio-seconds", type=float, default=None)
     p.add_argument(
-        "--body-timeout-s", type=float, default=None, help="a slower request body gets 408"
+        "--cache-dir",
+        default=None,
+        help="local copies of S3 bundles (default: $MM_HOME/serving-cache)",
+    )
+    p.add_argument("--poll-seconds", type=float, default=5.0, help="how often to look at CURRENT")
+    p.add_argument("--workers", type=int, default=None, help="model threads (default: one per CPU)")
+    p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per request")
+    limits = Limits()
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=None,
+        help=f"largest request body (default: {limits.max_body_bytes})",
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=None,
+        help=f"largest image to decode (default: {limits.max_image_pixels})",
+    )
+    p.add_argument(
+        "--max-audio-seconds",
+        type=float,
+        default=None,
+        help=f"longest audio query (default: {limits.max_audio_seconds})",
+    )
+    p.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=None,
+        help=f"a slower request body gets 408 (default: {limits.body_timeout_s})",
     )
     p.add_argument(
         "--no-auth",
@@ -52,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-audio", action="store_true", help="do not load Whisper")
     p.add_argument("--no-diffusion", action="store_true", help="do not load the generator")
     p.add_argument("--no-self-check", action="store_true", help="skip the load-time check")
-    p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--no-media",
+        action="store_true",
+        help="do not serve media bytes (/v1/media; the search page shows no thumbnails)",
+    )
+    p.add_argument("--log-level", default="info", help="uvicorn/logging level")
     return p
 
 
@@ -79,6 +116,13 @@ def _dsn_factory(dsn: str | None):
     return resolve
 
 
+def _media_store():
+    """The media store the pipeline writes (MM_S3_BUCKET, else $MM_HOME/media)."""
+    from mm_pipelines.pipeline.services import Services
+
+    return Services.from_settings().media
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -103,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     manager.start()
     pool = ConnectionPool(_dsn_factory(args.dsn), size=max(4, (args.workers or 0)))
     keys = None if args.no_auth else keys_in(pool.run)
-    app = create_app(manager, pool, _limits(args), workers=args.workers, keys=keys)
+    media = None if args.no_media else _media_store()
+    app = create_app(manager, pool, _limits(args), workers=args.workers, keys=keys, media=media)
 
     # bind here so that --port 0 can report the port it got before serving starts
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)

@@ -9,6 +9,7 @@ followed (symlink loops) as a refused path; it never fails the listing.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -125,6 +126,24 @@ class Landing(ABC):
             except (ValueError, KeyError, TypeError) as err:
                 problems.append(f"{MANIFEST} of batch {batch!r}, line {lineno}: {err}")
         return entries, problems
+
+    def digest(
+        self,
+        batch: str,
+        listing: tuple[list[LandingFile], list[RefusedPath]] | None = None,
+    ) -> str:
+        """What the batch holds right now, as one hash: every file's path and fingerprint,
+        every refused path, and the manifest's bytes. Equal digests mean an ingest would
+        find nothing new (the sensors and `mm status` compare it with the last ingest)."""
+        files, refused = listing if listing is not None else self.list_batch(batch)
+        manifest = self._read_control(batch, MANIFEST)
+        parts = {
+            "files": sorted((f.relpath, f.fingerprint) for f in files),
+            "refused": sorted(r.relpath for r in refused),
+            "manifest": hashlib.sha256(manifest).hexdigest() if manifest is not None else None,
+        }
+        blob = json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()
+        return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
 class LocalLanding(Landing):
@@ -302,3 +321,72 @@ def _odd_key(rel: str) -> str | None:
     if "" in parts or "." in parts:
         return "key has an empty or '.' segment"
     return None
+
+
+class BatchFolder(Landing):
+    """One batch folder (or S3 prefix) outside the landing area, seen under a batch name:
+    what `mm ingest PATH --batch NAME` ingests. Ready by being asked for: no marker needed."""
+
+    def __init__(self, parent: Landing, folder: str, batch: str) -> None:
+        self.parent = parent
+        self.folder = folder
+        self.batch = batch
+
+    def _check(self, batch: str) -> None:
+        if batch != self.batch:
+            raise ValueError(f"this source holds batch {self.batch!r}, not {batch!r}")
+
+    def ready_batches(self) -> list[str]:
+        return [self.batch]
+
+    def is_ready(self, batch: str) -> bool:
+        self._check(batch)
+        return True
+
+    def list_batch(self, batch: str) -> tuple[list[LandingFile], list[RefusedPath]]:
+        self._check(batch)
+        files, refused = self.parent.list_batch(self.folder)
+        return (
+            [replace(f, batch=batch) for f in files],
+            [replace(r, batch=batch) for r in refused],
+        )
+
+    @contextmanager
+    def local_file(self, item: LandingFile) -> Iterator[Path]:
+        self._check(item.batch)
+        with self.parent.local_file(replace(item, batch=self.folder)) as path:
+            yield path
+
+    def _read_control(self, batch: str, name: str) -> bytes | None:
+        self._check(batch)
+        return self.parent._read_control(self.folder, name)
+
+
+def split_source(uri: str) -> tuple[str, str]:
+    """`/data/drop-7` -> (`/data`, `drop-7`); `s3://b/in/drop-7/` -> (`s3://b/in`, `drop-7`)."""
+    if uri.startswith("s3://"):
+        parent, _, name = uri.rstrip("/").rpartition("/")
+        if parent in ("s3:/", "s3:"):
+            raise ValueError(f"{uri}: give a prefix inside the bucket (s3://bucket/folder)")
+        return parent, name
+    path = Path(uri.removeprefix("file://")).expanduser().resolve()
+    return str(path.parent), path.name
+
+
+def open_landing(uri: str, s3_client: Any = None) -> Landing:
+    """A landing area: a local folder, or `s3://bucket/prefix` (needs an S3 client)."""
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        if s3_client is None:
+            raise ValueError(f"{uri}: an S3 landing needs an S3 client")
+        return S3Landing(s3_client, bucket, prefix)
+    return LocalLanding(uri)
+
+
+def open_batch_source(uri: str, batch: str, s3_client: Any = None) -> Landing:
+    """The batch folder at `uri` as a landing that holds exactly `batch`."""
+    parent, folder = split_source(uri)
+    landing = open_landing(parent, s3_client)
+    if folder == batch:
+        return landing
+    return BatchFolder(landing, folder, batch)

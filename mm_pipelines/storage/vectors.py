@@ -131,6 +131,7 @@ class Filters:
     # leave out what curation hides (flagged items, near-duplicates that are not their
     # group's keeper): inside the scan, so k results still come back
     hide_curated: bool = True
+    parent_hashes: Sequence[str] | None = None
 
 
 # a row is hidden when its own content or its parent (the image of a caption, the video of a
@@ -154,6 +155,7 @@ def _where(dim: int, filters: Filters) -> tuple[sql.Composable, list[Any]]:
         ("batch", filters.batches, True),
         ("modality", filters.modalities, True),
         ("item_kind", filters.item_kinds, True),
+        ("parent_hash", filters.parent_hashes, True),
     ):
         if value is None:
             continue
@@ -262,14 +264,17 @@ def recall_at_k(
     filters: Filters | None = None,
     **kwargs: Any,
 ) -> float:
-    """Mean overlap of ANN top-k with exact top-k over the queries."""
+    """Mean share of the exact top-k that ANN top-k finds over the queries. Ties count: a
+    row as close as the exact k-th is as good as it (identical vectors, e.g. the same frame
+    sampled twice, would otherwise make an exact answer look like a miss)."""
     hits = total = 0
     for q in queries:
-        truth = {r["id"] for r in search(conn, q, k, filters, exact=True)}
+        truth = search(conn, q, k, filters, exact=True)
         if not truth:
             continue
-        got = {r["id"] for r in search(conn, q, k, filters, **kwargs)}
-        hits += len(truth & got)
+        kth = float(truth[-1]["score"]) - 1e-6
+        got = search(conn, q, k, filters, **kwargs)
+        hits += min(len(truth), sum(float(r["score"]) >= kth for r in got))
         total += len(truth)
     return hits / total if total else 1.0
 
@@ -301,3 +306,47 @@ def sample_embeddings(
         (batch, batch),
     ).fetchall()
     return np.stack([to_array(r[0]) for r in rows]) if rows else np.zeros((0, dim))
+
+
+def sample_by_kind(
+    conn: psycopg.Connection, projector_version: str, per_kind: int = 256
+) -> dict[str, np.ndarray]:
+    """Up to `per_kind` vectors of each item kind of one projector version, the same ones on
+    every call (ordered by a hash of the row id, not at random): what score calibration is
+    fitted on."""
+    kinds = [
+        r[0]
+        for r in conn.execute(
+            "SELECT DISTINCT item_kind FROM unified_vectors WHERE projector_version = %s",
+            (projector_version,),
+        )
+    ]
+    out: dict[str, np.ndarray] = {}
+    for kind in sorted(kinds):
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT embedding FROM unified_vectors WHERE projector_version = %s "
+                "AND item_kind = %s ORDER BY md5(id::text) LIMIT {}"
+            ).format(sql.Literal(int(per_kind))),
+            (projector_version, kind),
+        ).fetchall()
+        out[kind] = np.stack([to_array(r[0]) for r in rows])
+    return out
+
+
+def index_signature(conn: psycopg.Connection, projector_version: str) -> tuple[int, int]:
+    """(rows, largest id) of a projector version: changes whenever a batch is (re)indexed."""
+    row = conn.execute(
+        "SELECT count(*), coalesce(max(id), 0) FROM unified_vectors WHERE projector_version = %s",
+        (projector_version,),
+    ).fetchone()
+    return int(row[0]), int(row[1])
+
+
+def kind_counts(conn: psycopg.Connection, projector_version: str) -> dict[str, int]:
+    rows = conn.execute(
+        "SELECT item_kind, count(*) FROM unified_vectors WHERE projector_version = %s "
+        "GROUP BY item_kind",
+        (projector_version,),
+    )
+    return {kind: int(n) for kind, n in rows}

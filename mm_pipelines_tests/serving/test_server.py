@@ -145,7 +145,7 @@ def test_healthz_names_the_bundle_and_models(server):
 @pytest.mark.parametrize("kind", ["text", "image", "audio"])
 def test_embeddings_equal_the_runtime_vectors(server, local_a, kind):
     payload = {
-        "text": {"text": QUERY},
+        "text": {"input": QUERY},
         "image": {"image_base64": base64.b64encode(png_bytes(60, 40)).decode()},
         "audio": {"audio_base64": base64.b64encode(wav_bytes(1.0)).decode()},
     }[kind]
@@ -157,8 +157,9 @@ def test_embeddings_equal_the_runtime_vectors(server, local_a, kind):
     r = post(server, "/v1/embeddings", payload)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["bundle_version"] == "bundle-a" and body["dim"] == len(want)
-    assert np.abs(np.asarray(body["embedding"]) - want).max() < 1e-5
+    (item,) = body["data"]  # OpenAI's shape: a list of {"object", "index", "embedding"}
+    assert body["bundle_version"] == "bundle-a" and len(item["embedding"]) == len(want)
+    assert np.abs(np.asarray(item["embedding"]) - want).max() < 1e-5
 
 
 def test_search_finds_the_caption_for_the_tenant_only(server):
@@ -166,7 +167,7 @@ def test_search_finds_the_caption_for_the_tenant_only(server):
     assert r.status_code == 200, r.text
     hits = r.json()["hits"]
     assert len(hits) == 2 and {h["tenant"] for h in hits} == {"acme"}
-    assert hits[0]["text"] == QUERY and hits[0]["score"] > 0.999
+    assert hits[0]["text"] == QUERY and hits[0]["cosine"] > 0.999
     r = post(
         server, "/v1/search", {"query": QUERY, "tenant": "acme", "modalities": ["audio"]}, "acme"
     )
@@ -177,10 +178,11 @@ def test_generation_returns_a_png_for_the_seed(server):
     body = {"prompt": "a red circle", "seed": 3, "steps": 2}
     first = post(server, "/v1/images/generations", body)
     assert first.status_code == 200, first.text
-    image = Image.open(BytesIO(base64.b64decode(first.json()["image_base64"])))
+    (item,) = first.json()["data"]  # OpenAI's shape: [{"b64_json": ...}]
+    image = Image.open(BytesIO(base64.b64decode(item["b64_json"])))
     assert image.format == "PNG" and image.size == (32, 32)
     again = post(server, "/v1/images/generations", body).json()
-    assert again["image_base64"] == first.json()["image_base64"]  # same seed, same image
+    assert again["data"][0]["b64_json"] == item["b64_json"]  # same seed, same image
     assert again["bundle_version"] == "bundle-a"
 
 
@@ -254,7 +256,8 @@ def test_bundle_switch_under_concurrent_requests(server, store_dir, bundle_b, lo
                         server + "/v1/embeddings", json={"text": QUERY}, timeout=60, headers=auth()
                     )
                     body = r.json()
-                    out.append((r.status_code, body.get("bundle_version"), body.get("embedding")))
+                    vec = body["data"][0]["embedding"] if "data" in body else None
+                    out.append((r.status_code, body.get("bundle_version"), vec))
                 except Exception as err:  # noqa: BLE001 - a failed request is the finding
                     out.append((0, repr(err), None))
 

@@ -17,6 +17,7 @@ from mm_pipelines.defs.resources import (
     services,
 )
 from mm_pipelines.pipeline import generation, lora, quality
+from mm_pipelines.pipeline.progress import counter
 
 
 def _run_link(url: str | None) -> dict[str, Any]:
@@ -134,6 +135,7 @@ def lora_adapter(
     metadata: dict[str, Any] = {
         "adapter_version": record.adapter_version,
         "registered": f"{record.registered_model} v{record.registered_version}",
+        "reused": result.reused,  # trained before from the same inputs: not trained again
         "steps_done": record.steps_done,
         "resumed_from_step": result.resumed_from_step,
         "first_loss": result.first_loss,
@@ -175,7 +177,7 @@ def generated_images(
             svc,
             context.partition_key,
             context.run_id,
-            lambda done, total: context.log.info(f"{done}/{total}"),
+            counter("generating images", context.log.info),
         )
     return dg.MaterializeResult(
         metadata={

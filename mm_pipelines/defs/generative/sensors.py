@@ -4,6 +4,7 @@ import json
 
 import dagster as dg
 
+from mm_pipelines.defs import automation
 from mm_pipelines.defs.generative.jobs import reevaluate_quality_job, subject_pipeline
 from mm_pipelines.defs.partitions import subject_partitions
 from mm_pipelines.pipeline import subjects
@@ -14,7 +15,9 @@ from mm_pipelines.pipeline import subjects
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Watches the subjects file (MM_SUBJECTS): a new subject becomes a `subject` "
-    "partition, and a new or changed subject gets one run of subject_pipeline.",
+    "partition, and a subject whose declaration differs from the one its last training set "
+    "was built from gets one run of subject_pipeline (runs launched by mm demo or the UI "
+    "count).",
 )
 def subjects_sensor(context: dg.SensorEvaluationContext):
     # cursor: subject name -> fingerprint of the declaration last requested
@@ -23,8 +26,13 @@ def subjects_sensor(context: dg.SensorEvaluationContext):
         declared = subjects.load_subjects()
     except subjects.SubjectConfigError as err:
         return dg.SkipReason(f"subjects file not usable: {err}")
+    states = automation.subject_states(
+        context.instance, {n: s.fingerprint() for n, s in declared.items()}
+    )
     changed = {
-        n: s.fingerprint() for n, s in declared.items() if requested.get(n) != s.fingerprint()
+        s.name: s.fingerprint
+        for s in states
+        if s.needs_run and requested.get(s.name) != s.fingerprint
     }
     if not changed:
         return dg.SkipReason(f"no new or changed subject ({len(declared)} declared)")

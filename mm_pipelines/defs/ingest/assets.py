@@ -21,7 +21,7 @@ _DEFAULT_LIMITS = Limits()
 
 
 class RawMediaConfig(dg.Config):
-    tenant: str = "default"
+    tenant: str = ""  # empty: the tenant `mm ingest` registered, else "default"
     force: bool = False  # ingest a batch without its _READY marker (it may be incomplete)
     max_bytes: int = _DEFAULT_LIMITS.max_bytes
     max_pixels: int = _DEFAULT_LIMITS.max_pixels
@@ -68,13 +68,14 @@ def raw_media(
 
     with no_retry_on_bad_input():  # bad names, no _READY, a full store: fail once
         _drop_invalid_partition(context, batch)
+        source, registered_tenant = landing.for_batch(batch, catalog_db.get_dsn())
         report = ingest_batch(
-            landing.get_landing(),
+            source,
             batch,
             store,
             catalog_db.get_dsn(),
             limits=config.limits(),
-            tenant=config.tenant,
+            tenant=config.tenant or registered_tenant or "default",
             workers=compute.io_workers,
             progress=progress,
             require_ready=not config.force,
@@ -118,6 +119,7 @@ def _metadata(report: IngestReport, store: MediaStore) -> dict[str, object]:
         "bytes": report.bytes_total,
         "new_objects_stored": report.new_objects,
         "unchanged_files_skipped": report.reused_rows,
+        "landing_digest": report.landing_digest,
         "seconds": dg.FloatMetadataValue(summary["seconds"]),
         "by_modality": dg.MetadataValue.json(summary["by_modality"]),
         "quarantined_by_reason": dg.MetadataValue.json(summary["quarantined_by_reason"]),

@@ -51,5 +51,6 @@ def online_model(
             "replaced_champion": result.replaced_champion or "",
             "max_abs_diff": dg.MetadataValue.json(result.max_abs_diff),
             "files": result.files,
+            "reused": result.reused,  # exported before: no new bundle
         }
     )

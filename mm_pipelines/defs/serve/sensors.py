@@ -4,6 +4,7 @@ import json
 
 import dagster as dg
 
+from mm_pipelines.defs import automation
 from mm_pipelines.defs.resources import MLflowResource
 from mm_pipelines.defs.serve.jobs import export_online_model_job
 
@@ -13,21 +14,20 @@ from mm_pipelines.defs.serve.jobs import export_online_model_job
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Polls the MLflow registry: a LoRA version that passed its quality gates "
-    "(alias `candidate`) is exported and published once (run key per version).",
+    "(alias `candidate`) and was never exported (no `mm.bundle_version` tag, whoever ran "
+    "the export) is exported and published once (run key per version).",
 )
 def serving_sensor(context: dg.SensorEvaluationContext, mlflow_tracking: MLflowResource):
-    from mm_pipelines.pipeline import registry
-
     # cursor: "name/version" -> last_updated of every version already requested
     requested = json.loads(context.cursor) if context.cursor else {}
     try:
-        approved = registry.approved_candidates(mlflow_tracking.client())
+        pending = automation.exports_needed(context.instance, mlflow_tracking.client())
     except Exception as err:  # noqa: BLE001 - MLflow down must not break the daemon
         context.log.warning(f"MLflow registry unreachable, retrying next tick: {err}")
         return dg.SkipReason(f"MLflow registry unreachable: {type(err).__name__}: {err}"[:500])
-    new = [c for c in approved if c.key not in requested]
+    new = [c for c in pending if c.key not in requested]
     if not new:
-        return dg.SkipReason(f"no newly approved model version ({len(requested)} exported)")
+        return dg.SkipReason("no approved model version waiting to be exported")
     return dg.SensorResult(
         run_requests=[
             dg.RunRequest(
