@@ -23,6 +23,7 @@ from PIL import Image
 from mm_pipelines.models.common import encode_image, image_grid, weights_version
 from mm_pipelines.pipeline import model_store as ms
 from mm_pipelines.pipeline import registry, subjects
+from mm_pipelines.pipeline import review_logging as review
 from mm_pipelines.pipeline.services import DEMO, Services
 from mm_pipelines.pipeline.tracking import RunSpec
 from mm_pipelines.storage import generated
@@ -77,7 +78,8 @@ def build_base_model(
         captions += [row.caption, row.caption]
     cfg = BaseTrainConfig(vae_steps=vae_steps, unet_steps=unet_steps, seed=seed)
     store = svc.need_models()
-    with store.staging("diffusion-base") as work, svc.need_tracker().run(run) as tracked:
+    tracker = svc.need_tracker()
+    with store.staging("diffusion-base") as work, tracker.run(run, system_metrics=True) as tracked:
         tracked.params({**dataclasses.asdict(cfg), "images": len(rows)})
 
         def progress(name: str) -> Callable[[int, float], None]:
@@ -309,7 +311,9 @@ def train_adapter(
     store = svc.need_models()
     last_grid: dict[str, bytes] = {}
     spec = run.with_tags(subject=subject.name)
-    with store.staging("lora") as work, svc.need_tracker().run(spec) as tracked:
+    tracker = svc.need_tracker()
+    val_key = f"val_{subject.validation_metric}"
+    with store.staging("lora") as work, tracker.run(spec, system_metrics=True) as tracked:
         if resume:
             _restore_checkpoint(store, ckpt_name, work)
         tracked.params(
@@ -323,6 +327,7 @@ def train_adapter(
                 "validation_metric": subject.validation_metric,
             }
         )
+        review.log_dataset(tracked, store, ms.TRAINING_SET, subject.name, ts, "training")
 
         def on_step(step: int, loss: float) -> None:
             tracked.step("loss", loss, step)
@@ -330,12 +335,11 @@ def train_adapter(
                 log(f"step {step}/{cfg.steps} loss {loss:.4f}")
 
         def on_validation(step: int, images: list, value: float | None) -> None:
-            grid = image_grid([g.image for g in images])
-            tracked.image(grid, f"validation/step_{step:06d}.png")
+            # one frame of the run's "validation" image series (MLflow's step slider)
+            tracked.image(review.labelled_grid_of(images), key="validation", step=step)
             if value is not None:
-                tracked.metrics({f"val_{subject.validation_metric}": value}, step=step)
-            big = grid.resize((grid.width * 2, grid.height * 2))
-            last_grid["png"] = encode_image(big, "png")
+                tracked.metrics({val_key: value}, step=step)
+            last_grid["png"] = encode_image(image_grid([g.image for g in images]), "png")
 
         def on_checkpoint(step: int, path: Path) -> None:
             _store_checkpoint(store, ckpt_name, work, path, step)
@@ -353,11 +357,15 @@ def train_adapter(
             on_checkpoint=on_checkpoint,
         )
         adapter_version = weights_version(result.adapter_dir, "lora")
-        tracked.metrics(
+        review.log_restored_history(tracked, result, val_key)
+        tracked.metrics({"final_loss": result.losses[-1], "train_seconds": result.seconds})
+        tracked.params(  # how the run went: facts, not curves
             {
-                "final_loss": result.losses[-1],
                 "steps_done": result.steps_done,
-                "seconds": result.seconds,
+                "resumed_from_step": result.resumed_from_step,
+                "best_step": result.best_step,
+                "stopped_early": result.stopped_early,
+                "adapter_version": adapter_version,
             }
         )
         name = registry.lora_model_name(subject.name)
@@ -376,6 +384,9 @@ def train_adapter(
         # the registered version is known only after registering; the record in the store
         # is written once with it (artifacts are immutable)
         tracked.artifacts(result.adapter_dir, "adapter")
+        model_id = review.log_adapter_model(
+            tracked, subject, result.adapter_dir, base_dir, base_version, base_store_version
+        )
         record.registered_version = tracked.register(
             "adapter",
             name,
@@ -384,8 +395,11 @@ def train_adapter(
                 "adapter_version": adapter_version,
                 "base_model_version": base_version,
                 "training_set_version": ts.version,
+                "mm.logged_model_id": model_id,
             },
+            model_id=model_id,
         )
+        record.params["logged_model_id"] = model_id
         metadata = {k: v for k, v in dataclasses.asdict(record).items() if k not in _LOCAL_FIELDS}
         store.put(
             ms.ADAPTER,

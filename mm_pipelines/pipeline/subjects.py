@@ -21,7 +21,9 @@ One subject = one `subject` partition. The file (`MM_SUBJECTS`, default
         lora: {rank: 4, alpha: 8, learning_rate: 0.01, steps: 150}
         validation_metric: clip_distance
         generation: {num_inference_steps: 20, guidance_scale: 3.0}
-        gates: {max_fid_ratio_to_base: 0.9, min_clip_score: 0, max_fid: null, max_kid: null}
+        gates: {max_fid_ratio_to_base: 0.9, min_clip_score: 0, max_fid: null, max_kid: null,
+                min_references: 5, min_generated: 8, decide_on: estimate, confidence: 0.9,
+                bootstrap_resamples: 500}
 
 Plain Python: the Dagster assets and the subjects sensor call `load_subjects`.
 """
@@ -66,6 +68,15 @@ class QualityGates:
     min_clip_score: float | None = None
     # the adapter must move generations towards the references: FID(adapter) / FID(base)
     max_fid_ratio_to_base: float | None = 0.9
+    # below these sample sizes no gate passes (None = no floor): FID/KID of a few images
+    # say little (README "What FID/KID on a handful of images can tell")
+    min_references: int | None = 5
+    min_generated: int | None = 8
+    # "estimate": thresholds on the numbers; "interval": on the bound of their bootstrap
+    # interval (a max_* on the upper bound, a min_* on the lower one)
+    decide_on: str = "estimate"
+    confidence: float = 0.9
+    bootstrap_resamples: int = 500
 
 
 @dataclass(frozen=True)
@@ -154,10 +165,7 @@ def parse_subject(raw: Any, where: str, base_dir: str | Path = ".") -> Subject:
         )
     generation = _build(GenerationSettings, raw.pop("generation", None), f"{where}.generation")
     gates = _build(QualityGates, raw.pop("gates", None), f"{where}.gates")
-    for f in dataclasses.fields(QualityGates):
-        value = getattr(gates, f.name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise SubjectConfigError(f"{where}.gates: {f.name} must be a number or null")
+    _check_gates(gates, f"{where}.gates")
     lora = raw.pop("lora", None) or {}
     _check_lora(lora, f"{where}.lora")
     subject = _build(Subject, {**raw, "select": None, "lora": None}, where)
@@ -174,6 +182,23 @@ def parse_subject(raw: Any, where: str, base_dir: str | Path = ".") -> Subject:
             raise SubjectConfigError(f"{where}.prompts_file: {prompts_file} does not exist")
         subject = dataclasses.replace(subject, prompts_file=str(prompts_file))
     return subject
+
+
+def _check_gates(gates: QualityGates, where: str) -> None:
+    for f in dataclasses.fields(QualityGates):
+        value = getattr(gates, f.name)
+        if f.name == "decide_on":
+            if value not in ("estimate", "interval"):
+                raise SubjectConfigError(f"{where}: decide_on must be 'estimate' or 'interval'")
+            continue
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise SubjectConfigError(f"{where}: {f.name} must be a number or null")
+    if gates.confidence is None or gates.bootstrap_resamples is None:
+        raise SubjectConfigError(f"{where}: confidence and bootstrap_resamples cannot be null")
+    if not 0 < gates.confidence < 1:
+        raise SubjectConfigError(f"{where}: confidence must be between 0 and 1")
+    if gates.bootstrap_resamples < 100:
+        raise SubjectConfigError(f"{where}: bootstrap_resamples must be >= 100")
 
 
 def _check_lora(lora: Any, where: str) -> None:
