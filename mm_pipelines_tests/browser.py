@@ -35,15 +35,19 @@ def stop_group(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=15)
+        proc.wait(timeout=5)
     with contextlib.suppress(ProcessLookupError):  # mlflow server's worker outlives its parent
         os.killpg(pgid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5)
 
 
-def chromium(args: list[str], profile: Path, url: str, timeout: int = 120) -> str:
-    """Run headless Chromium on `url`; returns its stdout (the DOM with --dump-dom)."""
+def chromium(
+    args: list[str], profile: Path, url: str, timeout: int = 180, height: int = 1100
+) -> str:
+    """Run headless Chromium on `url` with a virtual-time budget; returns its stdout (the
+    DOM with --dump-dom). Drawing every compositor stage first is what makes MLflow's
+    charts render in headless mode (without it they stay spinners)."""
     cmd = [
         CHROMIUM,
         "--headless",
@@ -53,8 +57,10 @@ def chromium(args: list[str], profile: Path, url: str, timeout: int = 120) -> st
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
+        "--run-all-compositor-stages-before-draw",
+        "--virtual-time-budget=60000",
         f"--user-data-dir={profile}",
-        "--window-size=1600,1100",
+        f"--window-size=1600,{height}",
         *args,
         url,
     ]

@@ -27,6 +27,13 @@ def test_sample_data_writes_every_modality_and_a_ready_marker(tmp_path):
     assert (root / "_READY").exists() and (root / "_manifest.jsonl").exists()
 
 
+def test_mm_mlflow_with_a_tracking_server_points_there_instead_of_starting_one():
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://mlflow.example:5000"}
+    proc = run_mm("mlflow", env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "runs are tracked on the MLflow server http://mlflow.example:5000" in proc.stdout
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, demo_clip, base_pipeline_dir):
     """`mm demo` run once in a fresh MM_HOME; (finished process, its environment)."""
@@ -126,6 +133,7 @@ def test_the_quality_notebook_runs_top_to_bottom_on_the_demo_state(demo, monkeyp
     assert html.count("data:image/png;base64,") >= 3  # validation grids + base/adapter
     text = "".join(o.get("text", "") for o in outputs)
     assert "FID ratio to base" in text
+    assert "candidate, champion" in html  # the aliases column (get_model_version has them)
 
 
 def test_the_search_notebook_runs_top_to_bottom_on_the_demo_state(demo, monkeypatch):

@@ -370,6 +370,17 @@ def test_each_evaluation_is_a_parent_run_with_base_and_adapter_children(env, sub
     assert low < high and parent.data.params["n_real"] == "5"
 
 
+def test_dagster_shows_previews_inline_and_every_quality_number_with_its_interval(subject_run):
+    quality = meta(subject_run, "generation_quality")
+    # markdown under Dagster's 1000-character limit is drawn on the asset page, no click
+    assert len(quality["base_vs_adapter_preview"]) < 1000
+    assert len(meta(subject_run, "lora_adapter")["validation_grid_preview"]) < 1000
+    assert quality["base_vs_adapter"].count("data:image/png;base64,") == 1  # the full sheet
+    assert quality["sample_sizes"] == {"n_real": 5, "n_generated": 16}
+    assert set(quality["intervals"]) >= {"adapter_fid", "fid_ratio_to_base", "adapter_kid"}
+    assert quality["intervals"]["adapter_fid"].endswith("(90% CI, n_real=5, n_generated=16)")
+
+
 def test_the_evaluation_is_linked_to_the_adapter_run_its_logged_model_and_version(env, subject_run):
     client = env.mlflow()
     parent = _latest_evaluation(client, env.tracking._client_setup())
@@ -380,7 +391,8 @@ def test_the_evaluation_is_linked_to_the_adapter_run_its_logged_model_and_versio
     assert adapter_run.data.tags["mm.quality_run_id"] == parent.info.run_id
     assert version.tags["mm.quality_run_id"] == parent.info.run_id
     model_id = version.tags["mm.logged_model_id"]
-    assert [m.model_id for m in parent.inputs.model_inputs] == [model_id]
+    inputs = client.get_run(parent.info.run_id).inputs  # search results leave inputs out
+    assert [m.model_id for m in inputs.model_inputs] == [model_id]
     # the adapter's numbers are its logged model's evaluation on the reference images
     model = client.get_logged_model(model_id)
     fid = next(m for m in model.metrics if m.key == "fid")
@@ -424,7 +436,7 @@ def test_the_registered_version_loads_as_a_pyfunc_that_regenerates_a_catalogued_
 
 def _run_check_only(env) -> dg.ExecuteInProcessResult:
     return dg.materialize(
-        [*ASSETS, *CHECKS],
+        [gen_assets.generation_quality, gen_checks.quality_gates],
         selection=dg.AssetSelection.checks(gen_checks.quality_gates),
         partition_key=SUBJECT,
         instance=env.instance,
@@ -471,9 +483,13 @@ def mlflow_ui(env, subject_run, mlflow_process) -> str:
     return env.mlflow_url
 
 
-def rest(base: str, path: str, **params: str) -> dict:
-    resp = requests.get(f"{base}/api/2.0/mlflow/{path}", params=params, timeout=60)
-    assert resp.ok, (path, resp.status_code, resp.text[:500])
+def _run_id(link: str) -> str:
+    return re.search(r"/runs/([0-9a-f]{32})", link)[1]
+
+
+def rest(base: str, endpoint: str, **params: str) -> dict:
+    resp = requests.get(f"{base}/api/2.0/mlflow/{endpoint}", params=params, timeout=60)
+    assert resp.ok, (endpoint, resp.status_code, resp.text[:500])
     return resp.json()
 
 
@@ -487,8 +503,8 @@ def test_mm_mlflow_serves_the_runs_the_compare_view_and_the_registry_over_rest(
     # the adapter run behind the link its Dagster materialization carries
     link = meta(subject_run, "lora_adapter")["mlflow_run"]
     prefix = f"{mlflow_ui}/#/experiments/{experiment['experiment_id']}/runs/"
-    assert link.startswith(prefix)
-    run = rest(mlflow_ui, "runs/get", run_id=link.removeprefix(prefix))["run"]
+    assert link.startswith(prefix) and link.endswith("?workflowType=machine_learning")
+    run = rest(mlflow_ui, "runs/get", run_id=_run_id(link))["run"]
     assert run["info"]["run_name"] == f"lora_adapter[{SUBJECT}]"
     images = rest(mlflow_ui, "artifacts/list", run_id=run["info"]["run_id"], path="images")
     assert sum("validation+step+" in f["path"] for f in images["files"]) >= 6
@@ -510,31 +526,38 @@ def test_mm_mlflow_serves_the_runs_the_compare_view_and_the_registry_over_rest(
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium package is missing")
 def test_mlflow_pages_in_headless_chromium(env, subject_run, mlflow_ui, tmp_path):
+    """Screenshots of what a reviewer opens (into test-artifacts/), and the DOM MLflow's
+    JavaScript built for each page names what the page is about."""
     ARTIFACTS.mkdir(exist_ok=True)
+    tracker = env.tracking.get_tracker()
     experiment_id = env.tracking._client_setup()
-    pages = {
+    run_id = _run_id(meta(subject_run, "lora_adapter")["mlflow_run"])
+    pages = {  # name: (url, window height, text the rendered page must contain)
         "mlflow_experiment": (
-            f"{mlflow_ui}/#/experiments/{experiment_id}/runs",
+            tracker.experiment_url(experiment_id),
+            1100,
             f"lora_adapter[{SUBJECT}]",
         ),
         "mlflow_adapter_run": (
-            meta(subject_run, "lora_adapter")["mlflow_run"] + "/model-metrics",
+            tracker.run_url(experiment_id, run_id, "model-metrics"),
+            2600,  # every chart on screen (MLflow draws only those in view)
             "validation",
         ),
         "mlflow_compare": (
             meta(subject_run, "generation_quality")["mlflow_compare"],
+            2400,
             "fid_ci_high",
         ),
     }
-    for name, (url, expected) in pages.items():
+    for name, (url, height, expected) in pages.items():
         shot = ARTIFACTS / f"{name}.png"
         shot.unlink(missing_ok=True)
-        chromium(
-            [f"--screenshot={shot}", "--virtual-time-budget=30000"], tmp_path / f"{name}-s", url
-        )
+        chromium([f"--screenshot={shot}"], tmp_path / f"{name}-shot", url, height=height)
         assert shot.is_file() and len(shot.read_bytes()) > 20_000, name
-        dom = chromium(["--dump-dom", "--virtual-time-budget=30000"], tmp_path / name, url)
-        assert expected in dom, f"{name}: {expected!r} not on {url}"
+        dom = chromium(["--dump-dom"], tmp_path / name, url, height=height)
+        assert expected in dom, f"{name}: {expected!r} is not on {url}"
+        if name != "mlflow_compare":  # the experiment's side bar: the training view's
+            assert ">Runs<" in dom and "Judges" not in dom  # GenAI's has Judges, Sessions
 
 
 def _run_quality_notebook(env, subject: str, monkeypatch) -> list[dict]:
@@ -560,14 +583,20 @@ def _run_quality_notebook(env, subject: str, monkeypatch) -> list[dict]:
 def test_the_quality_notebook_runs_on_a_subject_whose_latest_training_run_resumed(env, monkeypatch):
     quick = copy.deepcopy(subjects.DEMO_SUBJECT)
     quick.update(name="resumed", seeds=list(range(8)))
-    quick["lora"].update(steps=20, checkpoint_every=10, validation_every=10)
+    quick["lora"].update(
+        steps=20,
+        checkpoint_every=10,
+        validation_every=10,
+        validation_seeds=[0, 1, 2, 3],
+        validation_inference_steps=5,
+    )
     env.declare(subjects.DEMO_SUBJECT, quick)
     assert env.run(env.instance, "resumed", ["lora_training_set", "lora_adapter"]).success
     # a retry after the last checkpoint: the run resumes at step 20 with no step left to train
     again = env.run(env.instance, "resumed", ["lora_adapter"])
     assert again.success and meta(again, "lora_adapter")["resumed_from_step"] == 20
     client = env.mlflow()
-    resumed_run = client.get_run(meta(again, "lora_adapter")["mlflow_run"].rsplit("/", 1)[1])
+    resumed_run = client.get_run(_run_id(meta(again, "lora_adapter")["mlflow_run"]))
     assert resumed_run.data.params["resumed_from_step"] == "20"
     # the steps before the resume come from the checkpoint: the curve is whole
     assert len(client.get_metric_history(resumed_run.info.run_id, "loss")) == 20

@@ -15,6 +15,10 @@ from typing import Any
 import mlflow.pyfunc
 
 CODE_PATH = Path(__file__).with_name("adapter_model_code.py")
+# model config keys (the base model the adapter applies to)
+BASE_DIR = "pyfunc_base_model_dir"
+BASE_VERSION = "pyfunc_base_model_version"
+BASE_STORE_VERSION = "pyfunc_base_store_version"
 
 
 def signature(num_inference_steps: int, guidance_scale: float) -> Any:
@@ -40,18 +44,18 @@ def signature(num_inference_steps: int, guidance_scale: float) -> Any:
 
 
 def _base_dir(config: dict[str, Any]) -> Path:
-    local = Path(str(config.get("base_model_dir", "")))
+    local = Path(str(config.get(BASE_DIR, "")))
     if str(local) and local.is_dir():
         return local
-    version = config.get("base_store_version")
+    version = config.get(BASE_STORE_VERSION)
     if version:
         from mm_pipelines.pipeline import model_store as ms
         from mm_pipelines.pipeline.services import DEMO, Services
 
         return Services.from_settings().need_models().get(ms.DIFFUSION_BASE, DEMO, version).path
     raise FileNotFoundError(
-        f"the adapter's base model {config.get('base_model_version')!r} is not at {local} "
-        "and is not in the model store: point the model config's base_model_dir at it"
+        f"the adapter's base model {config.get(BASE_VERSION)!r} is not at {local} and is "
+        f"not in the model store: point the model config's {BASE_DIR} at it"
     )
 
 

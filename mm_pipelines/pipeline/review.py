@@ -117,9 +117,7 @@ def image_series(client: Any, run_id: str, key: str) -> list[tuple[int, Path]]:
         match = _IMAGE_FILE.match(Path(art.path).name)
         if match and match["key"].replace("~", "/") == key:
             found.append((int(match["step"]), art.path))
-    return [
-        (step, Path(client.download_artifacts(run_id, path))) for step, path in sorted(found)
-    ]
+    return [(step, Path(client.download_artifacts(run_id, path))) for step, path in sorted(found)]
 
 
 def evaluation_children(client: Any, parent: Any) -> dict[str, Any]:

@@ -72,10 +72,12 @@ def log_adapter_model(
         adapter_model.CODE_PATH,
         artifacts={"adapter": str(adapter_dir)},
         signature=adapter_model.signature(g.num_inference_steps, g.guidance_scale),
+        # MLflow also logs the model config as run params: names of their own, so they
+        # never collide with the run's settings
         model_config={
-            "base_model_dir": str(base_dir),
-            "base_model_version": base_version,
-            "base_store_version": base_store_version or "",
+            adapter_model.BASE_DIR: str(base_dir),
+            adapter_model.BASE_VERSION: base_version,
+            adapter_model.BASE_STORE_VERSION: base_store_version or "",
         },
         params={"subject": subject.name, "base_model_version": base_version},
     )

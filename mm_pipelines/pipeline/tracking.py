@@ -114,21 +114,32 @@ class Tracker:
     def ui_base(self) -> str:
         return (self.ui_url or settings.mlflow_ui_url()).rstrip("/")
 
-    def run_url(self, experiment_id: str, run_id: str) -> str:
-        return f"{self.ui_base()}/#/experiments/{experiment_id}/runs/{run_id}"
+    def experiment_url(self, experiment_id: str) -> str:
+        return f"{self.ui_base()}/#/experiments/{experiment_id}/runs?{TRAINING_VIEW}"
+
+    def run_url(self, experiment_id: str, run_id: str, tab: str = "") -> str:
+        """The run's page (`tab`: model-metrics, system-metrics, artifacts, ...)."""
+        path = f"/#/experiments/{experiment_id}/runs/{run_id}" + (f"/{tab}" if tab else "")
+        return f"{self.ui_base()}{path}?{TRAINING_VIEW}"
 
     def compare_url(self, experiment_id: str, run_ids: list[str]) -> str:
         """MLflow's "compare runs" page for these runs."""
         runs = ",".join(f'"{r}"' for r in run_ids)
-        return f'{self.ui_base()}/#/compare-runs?runs=[{runs}]&experiments=["{experiment_id}"]'
+        return (
+            f'{self.ui_base()}/#/compare-runs?runs=[{runs}]&experiments=["{experiment_id}"]'
+            f"&{TRAINING_VIEW}"
+        )
 
     def model_version_url(self, name: str, version: str) -> str:
-        return f"{self.ui_base()}/#/models/{name}/versions/{version}"
+        return f"{self.ui_base()}/#/models/{name}/versions/{version}?{TRAINING_VIEW}"
 
 
-# `mlflow.experimentKind` values are MLflow UI constants; this one opens the training view
+# How MLflow's UI picks its training view (not GenAI traces): MLflow 3.0-3.x read the
+# experiment tag `mlflow.experimentKind`; newer 3.x UIs have a GenAI | Model training
+# switch that a link sets with the `workflowType` parameter. Both are UI constants.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+TRAINING_VIEW = "workflowType=machine_learning"
 
 
 @dataclass

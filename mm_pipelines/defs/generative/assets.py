@@ -140,7 +140,7 @@ def lora_adapter(
         **_run_link(result.run_url),
     }
     if result.validation_png:
-        metadata.update(previews("validation", result.validation_png))
+        metadata.update(previews("validation_grid", result.validation_png))
     return dg.MaterializeResult(metadata=metadata)
 
 
