@@ -435,10 +435,12 @@ def test_the_registered_version_loads_as_a_pyfunc_that_regenerates_a_catalogued_
 
 
 def _run_check_only(env) -> dg.ExecuteInProcessResult:
+    """The gates again on the stored report, without re-scoring (a check-only selection
+    takes its partition from the run tag: it has no asset to take it from)."""
     return dg.materialize(
         [gen_assets.generation_quality, gen_checks.quality_gates],
         selection=dg.AssetSelection.checks(gen_checks.quality_gates),
-        partition_key=SUBJECT,
+        tags={"dagster/partition": SUBJECT},
         instance=env.instance,
         resources=env.resources,
         raise_on_error=False,
@@ -473,7 +475,7 @@ def test_a_tiny_reference_sample_refuses_to_pass_the_gate_and_reports_its_interv
     assert client.get_model_version(name, "1").tags[registry.GATE_TAG] == "failed"
     # the declared gates again: the same report passes and the version is candidate again
     assert checks(_run_check_only(env)) == {"quality_gates": True}
-    assert client.get_model_version_by_alias(name, "candidate").version == "1"
+    assert str(client.get_model_version_by_alias(name, "candidate").version) == "1"
 
 
 @pytest.fixture(scope="module")
@@ -532,6 +534,7 @@ def test_mlflow_pages_in_headless_chromium(env, subject_run, mlflow_ui, tmp_path
     tracker = env.tracking.get_tracker()
     experiment_id = env.tracking._client_setup()
     run_id = _run_id(meta(subject_run, "lora_adapter")["mlflow_run"])
+    evaluation_id = _run_id(meta(subject_run, "generation_quality")["mlflow_run"])
     pages = {  # name: (url, window height, text the rendered page must contain)
         "mlflow_experiment": (
             tracker.experiment_url(experiment_id),
@@ -548,6 +551,11 @@ def test_mlflow_pages_in_headless_chromium(env, subject_run, mlflow_ui, tmp_path
             2400,
             "fid_ci_high",
         ),
+        "mlflow_base_vs_adapter": (  # the evaluation's labelled sheet, in its artifact view
+            tracker.run_url(experiment_id, evaluation_id, "artifacts/base_vs_adapter.png"),
+            1300,
+            "base_vs_adapter.png",
+        ),
     }
     for name, (url, height, expected) in pages.items():
         shot = ARTIFACTS / f"{name}.png"
@@ -556,7 +564,7 @@ def test_mlflow_pages_in_headless_chromium(env, subject_run, mlflow_ui, tmp_path
         assert shot.is_file() and len(shot.read_bytes()) > 20_000, name
         dom = chromium(["--dump-dom"], tmp_path / name, url, height=height)
         assert expected in dom, f"{name}: {expected!r} is not on {url}"
-        if name != "mlflow_compare":  # the experiment's side bar: the training view's
+        if name != "mlflow_compare":  # the experiment's side bar is the training view's
             assert ">Runs<" in dom and "Judges" not in dom  # GenAI's has Judges, Sessions
 
 

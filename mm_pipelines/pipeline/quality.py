@@ -166,6 +166,7 @@ class GateResult:
     fid_ratio_to_base: float
     intervals: dict[str, Any]  # every number with its interval and sample sizes
     sample_sizes: dict[str, int]
+    version_url: str  # the registered version's page in MLflow
 
     @property
     def passed(self) -> bool:
@@ -181,7 +182,8 @@ def apply_gates(svc: Services, subject_name: str) -> GateResult:
     report = quality_report_of(svc, subject.name)
     failures = gate_failures(report, subject.gates)
     name, version = report["registered_model"], str(report["registered_version"])
-    registry.apply_gate(svc.need_tracker().client(), name, version, failures)
+    tracker = svc.need_tracker()
+    registry.apply_gate(tracker.client(), name, version, failures)
     return GateResult(
         failures,
         dataclasses.asdict(subject.gates),
@@ -190,4 +192,5 @@ def apply_gates(svc: Services, subject_name: str) -> GateResult:
         report["fid_ratio_to_base"],
         report.get("intervals", {}),
         sample_sizes(report),
+        tracker.model_version_url(name, version),
     )

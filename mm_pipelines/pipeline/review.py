@@ -7,6 +7,7 @@ aliases. Whatever is missing comes back empty, never as an exception."""
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,3 +137,10 @@ def comparison_rows(children: dict[str, Any]) -> list[dict[str, Any]]:
         {"metric": k, **{side: run.data.metrics.get(k) for side, run in sorted(children.items())}}
         for k in names
     ]
+
+
+def data_uri(path: str | Path) -> str:
+    """An image file as a data URI (notebook HTML that needs nothing to fetch)."""
+    data = Path(path).read_bytes()
+    kind = "png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "webp"
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"

@@ -3,8 +3,8 @@ metrics and one way to publish a trained model (model store -> MLflow artifacts 
 registered version that carries the store URI and digest).
 
 Runs follow MLflow's own conventions where they fit, so its UI shows them as it intends:
-the experiment is tagged for model training (`mlflow.experimentKind`, else MLflow 3 opens
-it on the GenAI traces view), images carry a key and step (the run's image slider),
+the experiment is tagged for model training and links ask for the training view (else
+MLflow 3 opens on GenAI traces), images carry a key and step (the run's image slider),
 training sets are dataset inputs with their content hash, trained models can be logged
 models with a signature, evaluations are child runs of one parent with the same metric
 names (MLflow's "compare runs"), and training runs record system metrics.

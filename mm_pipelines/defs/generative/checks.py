@@ -53,5 +53,6 @@ def quality_gates(
             "fid_ratio_to_base": result.fid_ratio_to_base,
             "intervals": dg.MetadataValue.json(interval_table(result.intervals)),
             "sample_sizes": dg.MetadataValue.json(result.sample_sizes),
+            "mlflow_version": dg.MetadataValue.url(result.version_url),
         },
     )
