@@ -234,27 +234,27 @@ def image_evidence(
     resamples: int = DEFAULT_RESAMPLES,
     confidence: float = DEFAULT_CONFIDENCE,
     seed: int = 0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> Evidence:
     """Per-image CLIP scores and features of the same images `quality_report` scores (with
-    the same CLIP and feature extractor), and the bootstrap intervals of every number.
-    `adapted[i]` and `base[i]` must share prompt and seed."""
+    the same CLIP and feature extractor, placed as `quality_report` places them), and the
+    bootstrap intervals of every number. `adapted[i]` and `base[i]` must share prompt and
+    seed."""
     from mm_pipelines.models.diffusion.metrics import clip_score, extract_features
 
     def per_image(images: Sequence[Image.Image]) -> list[float]:
-        result = clip_score(
+        result = clip_score(  # runs where the bundle's model is, as quality_report's does
             list(images),
             [score_prompt] * len(images),
             clip_bundle.model,
             clip_bundle.tokenizer,
             clip_bundle.preprocess,
             context_length=clip_bundle.context_length,
-            device=device,
         )
         return [float("nan") if s is None else float(s) for s in result.per_pair]
 
     def features(images: Sequence[Image.Image]) -> np.ndarray:
-        return extract_features(list(images), feature, device=device).numpy()
+        return extract_features(list(images), feature, device=device).cpu().numpy()
 
     a_clip, b_clip = per_image(adapted), per_image(base)
     intervals = quality_intervals(
