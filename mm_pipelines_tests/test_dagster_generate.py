@@ -372,8 +372,13 @@ def test_each_evaluation_is_a_parent_run_with_base_and_adapter_children(env, sub
 
 def test_dagster_shows_previews_inline_and_every_quality_number_with_its_interval(subject_run):
     quality = meta(subject_run, "generation_quality")
-    # markdown under Dagster's 1000-character limit is drawn on the asset page, no click
-    assert len(quality["base_vs_adapter_preview"]) < 1000
+    # markdown under Dagster's 1000-character limit is drawn on the asset page, no click:
+    # base over adapter at the generated size (32 px), as many pairs as fit
+    preview = quality["base_vs_adapter_preview"]
+    assert len(preview) < 1000
+    png = base64.b64decode(preview.split("base64,", 1)[1].rstrip(")"))
+    width, height = Image.open(io.BytesIO(png)).size
+    assert height == 64 and width % 32 == 0
     assert len(meta(subject_run, "lora_adapter")["validation_grid_preview"]) < 1000
     assert quality["base_vs_adapter"].count("data:image/png;base64,") == 1  # the full sheet
     assert quality["sample_sizes"] == {"n_real": 5, "n_generated": 16}
@@ -524,6 +529,13 @@ def test_mm_mlflow_serves_the_runs_the_compare_view_and_the_registry_over_rest(
     version = rest(mlflow_ui, "model-versions/get", name=name, version="1")["model_version"]
     assert "candidate" in version["aliases"]
     assert {t["key"]: t["value"] for t in version["tags"]}[registry.GATE_TAG] == "passed"
+    # the full labelled sheet Dagster embeds inline comes from this server
+    served = meta(subject_run, "generation_quality")["base_vs_adapter_mlflow"]
+    url = re.search(r"\((http[^)]+)\)", served)[1]
+    assert url.startswith(f"{mlflow_ui}/get-artifact?")
+    image = requests.get(url, timeout=60)
+    assert image.ok and image.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(io.BytesIO(image.content)).width > 500  # enlarged and labelled
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium package is missing")

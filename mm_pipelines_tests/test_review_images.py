@@ -3,6 +3,7 @@ detail; and the Dagster preview that fits the UI's inline limit."""
 
 from __future__ import annotations
 
+import base64
 import io
 
 import numpy as np
@@ -38,12 +39,23 @@ def test_the_comparison_sheet_pairs_base_and_adapter_by_prompt_and_seed():
     assert np.argwhere(is_blue)[:, 1].max() < np.argwhere(is_red)[:, 1].min()
 
 
-def test_the_inline_preview_fits_dagsters_limit_for_eight_small_generations():
-    strip = Image.new("RGB", (128, 64))
+def blob(colour: tuple[int, int, int]) -> Image.Image:
+    """A small generation-like image: a soft shape on a flat background."""
+    yy, xx = np.mgrid[0:32, 0:32]
+    mask = np.exp(-((xx - 16) ** 2 + (yy - 16) ** 2) / 60.0)[..., None]
+    image = (1 - mask) * np.array([240, 140, 30]) + mask * np.array(colour)
+    return Image.fromarray(image.astype(np.uint8))
+
+
+def test_the_inline_preview_keeps_the_generated_size_and_fits_dagsters_limit():
+    strip = Image.new("RGB", (128, 64))  # base over adapter, four pairs
     for i in range(8):
-        strip.paste(noise(), ((i % 4) * 32, (i // 4) * 32))
+        strip.paste(blob((40 * i, 60, 200 - 20 * i)), ((i % 4) * 32, (i // 4) * 32))
     buf = io.BytesIO()
     strip.save(buf, "PNG")
     markdown = inline_markdown(buf.getvalue(), "base_vs_adapter")
     assert markdown is not None and len(markdown) < INLINE_MARKDOWN_CHARS
     assert markdown.startswith("![base_vs_adapter](data:image/png;base64,")
+    png = base64.b64decode(markdown.split("base64,", 1)[1].rstrip(")"))
+    width, height = Image.open(io.BytesIO(png)).size
+    assert height == 64 and width in (32, 64, 128)  # whole leading pairs, not shrunk

@@ -41,19 +41,27 @@ INLINE_MARKDOWN_CHARS = 1000
 
 
 def inline_markdown(png: bytes, alt: str, budget: int = INLINE_MARKDOWN_CHARS - 10) -> str | None:
-    """Markdown of one image short enough for Dagster to show without a click: the image at
-    its own size (or halved), with as many palette colours as fit. None when nothing fits."""
+    """Markdown of one image short enough for Dagster to show without a click: the image
+    at its own size with as many palette colours as fit; if it cannot fit, its leading
+    part (a grid's first images), then smaller. None when nothing fits."""
     with Image.open(io.BytesIO(png)) as img:
         img = img.convert("RGB")
-    for scale in (1, 2, 3):
-        small = img if scale == 1 else img.resize((img.width // scale, img.height // scale))
-        for colours in (64, 32, 16, 8):
+    crops = [img.crop((0, 0, max(1, img.width // k), img.height)) for k in (1, 2, 4, 8)]
+    halved = [c.resize((max(1, c.width // 2), max(1, c.height // 2))) for c in crops[:2]]
+    for candidate in (*crops, *halved):
+        for colours in (64, 32, 16):
             buf = io.BytesIO()
-            small.quantize(colours).save(buf, format="PNG", optimize=True)
+            candidate.quantize(colours).save(buf, format="PNG", optimize=True)
             text = f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
             if len(text) <= budget:
                 return text
     return None
+
+
+def served_image(alt: str, url: str) -> Any:
+    """An image the MLflow UI serves (`mm mlflow`), drawn inline by Dagster (a short URL,
+    so under its limit); while MLflow is not running the UI shows `alt` instead."""
+    return dg.MetadataValue.md(f"![{alt}]({url})")
 
 
 def previews(name: str, small_png: bytes, full_png: bytes | None = None) -> dict[str, Any]:

@@ -36,8 +36,9 @@ class QualityResult:
     flat: dict[str, float]  # adapter_* / base_* numbers (sample sizes too) and the ratios
     run_url: str  # the evaluation's parent run
     compare_url: str  # MLflow's compare view of its base and adapter child runs
+    comparison_url: str  # the labelled base | adapter sheet, served by the MLflow UI
     comparison_png: bytes  # base | adapter per (prompt, seed), labelled, enlarged
-    preview_png: bytes  # the first pairs at their own size (small enough to inline)
+    preview_png: bytes  # base over adapter at their own size (the first pairs inline)
 
 
 def evaluate_subject(svc: Services, subject_name: str, run: RunSpec) -> QualityResult:
@@ -112,6 +113,7 @@ def evaluate_subject(svc: Services, subject_name: str, run: RunSpec) -> QualityR
         flat,
         logged.run_url,
         logged.compare_url,
+        logged.comparison_url,
         encode_image(comparison_sheet(base, adapted), "png"),
         encode_image(_preview(base, adapted), "png"),
     )

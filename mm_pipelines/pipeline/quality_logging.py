@@ -21,6 +21,7 @@ from mm_pipelines.pipeline.tracking import RunSpec
 RESULT_KEYS = ("clip_score", "fid", "kid_mean", "kid_std")
 SIDES = ("base", "adapter")
 COMPARISONS = ("fid_ratio_to_base", "kid_ratio_to_base", "clip_score_delta")
+COMPARISON_FILE = "base_vs_adapter.png"
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Logged:
     parent_run_id: str
     run_url: str
     compare_url: str
+    comparison_url: str  # the labelled base | adapter sheet, served by the MLflow UI
 
 
 def side_metrics(report: dict[str, Any], side: str) -> dict[str, float]:
@@ -125,11 +127,12 @@ def log_evaluation(
                 child.image(labelled_grid(images), "samples.png")
                 children[side] = child.run_id
         parent.metrics(parent_metrics(report))
-        parent.image(comparison_sheet(base, adapted), "base_vs_adapter.png")
+        parent.image(comparison_sheet(base, adapted), COMPARISON_FILE)
         parent.json(report, "quality_report.json")
     compare = tracker.compare_url(parent.experiment_id, [children["base"], children["adapter"]])
     _link_to_adapter(tracker, record, report, parent, compare)
-    return Logged(parent.run_id, parent.url, compare)
+    sheet = tracker.artifact_url(parent.run_id, COMPARISON_FILE)
+    return Logged(parent.run_id, parent.url, compare, sheet)
 
 
 def _link_to_adapter(

@@ -130,6 +130,12 @@ class Tracker:
             f"&{TRAINING_VIEW}"
         )
 
+    def artifact_url(self, run_id: str, path: str) -> str:
+        """A run's artifact file as the MLflow UI serves it (an image a page can embed)."""
+        from urllib.parse import quote
+
+        return f"{self.ui_base()}/get-artifact?path={quote(path)}&run_uuid={run_id}"
+
     def model_version_url(self, name: str, version: str) -> str:
         return f"{self.ui_base()}/#/models/{name}/versions/{version}?{TRAINING_VIEW}"
 

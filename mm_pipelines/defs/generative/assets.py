@@ -6,7 +6,12 @@ from typing import Any
 import dagster as dg
 
 from mm_pipelines.defs.common import GPU_STEP, RETRY, no_retry_on_bad_input
-from mm_pipelines.defs.metadata import interval_table, markdown_gallery, previews
+from mm_pipelines.defs.metadata import (
+    interval_table,
+    markdown_gallery,
+    previews,
+    served_image,
+)
 from mm_pipelines.defs.partitions import subject_partitions
 from mm_pipelines.defs.resources import (
     CatalogResource,
@@ -213,5 +218,6 @@ def generation_quality(
             **_run_link(result.run_url),
             "mlflow_compare": dg.MetadataValue.url(result.compare_url),
             **previews("base_vs_adapter", result.preview_png, result.comparison_png),
+            "base_vs_adapter_mlflow": served_image("base | adapter", result.comparison_url),
         }
     )
