@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test dev lint bench lock clean-state
+.PHONY: install demo test dev mlflow lint bench lock clean-state
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: $(STAMP)
 
 dev: $(STAMP)
 	$(BIN)/mm dev
+
+mlflow: $(STAMP)
+	$(BIN)/mm mlflow
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -51,9 +51,34 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         str(args.port),
     ]
     print(f"DAGSTER_HOME={home}; running {' '.join(cmd)}", flush=True)
+    print(f"its MLflow links open with `mm mlflow` ({settings.mlflow_ui_url()})", flush=True)
     bindir = Path(sys.executable).parent
     os.chdir(repo)
     os.execv(str(bindir / "dagster"), cmd)
+    return 0  # unreachable
+
+
+# ---------------------------------------------------------------- mm mlflow (issue 16)
+
+
+def _cmd_mlflow(args: argparse.Namespace) -> int:
+    """The MLflow UI on the project's tracking store, where the run links point."""
+    from mm_pipelines.pipeline import mlflow_ui
+    from mm_pipelines.pipeline.services import Services
+
+    tracking = settings.mlflow_tracking_uri()
+    if mlflow_ui.is_remote(tracking):
+        print(f"runs are tracked on the MLflow server {tracking}: open it there")
+        return 0
+    host, port = mlflow_ui.ui_address()
+    host, port = args.host or host, args.port or port
+    Services.from_settings().need_tracker().setup()  # the store exists, the experiment tagged
+    links = settings.mlflow_ui_url()
+    print(f"MLflow UI on http://{host}:{port} (store {tracking})", flush=True)
+    if (host, port) != mlflow_ui.ui_address():
+        print(f"note: run links point at {links} (set MM_MLFLOW_UI to match)", flush=True)
+    cmd = mlflow_ui.server_command(host, port, tracking, settings.mlflow_artifact_root())
+    os.execv(cmd[0], cmd)
     return 0  # unreachable
 
 
@@ -199,6 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser(
         "serve", help="the serving API and search page on the current bundle (mm serve --help)"
     )
+
+    p = sub.add_parser(
+        "mlflow", help="the MLflow UI on the local tracking store", formatter_class=defaults
+    )
+    p.add_argument("--host", help="default: the host of MM_MLFLOW_UI (127.0.0.1)")
+    p.add_argument("--port", type=int, help="default: the port of MM_MLFLOW_UI (5000)")
+    p.set_defaults(func=_cmd_mlflow)
 
     p = sub.add_parser(
         "rollback",

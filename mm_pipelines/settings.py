@@ -173,6 +173,11 @@ def mlflow_ui_url() -> str:
     return env("MM_MLFLOW_UI", "http://127.0.0.1:5000")  # type: ignore[return-value]
 
 
+def mlflow_system_metrics() -> bool:
+    """Training runs record CPU/memory/GPU use (MLflow system metrics); `0` turns it off."""
+    return _true(env("MM_MLFLOW_SYSTEM_METRICS", "1"))
+
+
 # MLflow's HTTP client retries with backoff for minutes by default: a step or sensor tick
 # should fail within seconds with the tracking URI in the message instead
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}

@@ -26,6 +26,13 @@ def demo_summary(env: dict[str, str]) -> dict:
     return json.loads((Path(env["MM_HOME"]) / "demo-summary.json").read_text())
 
 
+def test_mm_mlflow_with_a_tracking_server_points_there_instead_of_starting_one():
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://mlflow.example:5000"}
+    proc = run_mm("mlflow", env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "runs are tracked on the MLflow server http://mlflow.example:5000" in proc.stdout
+
+
 def test_demo_runs_the_graph_and_searches_the_sample_batch(demo):
     proc, env = demo
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -139,6 +146,7 @@ def test_the_quality_notebook_runs_top_to_bottom_on_the_demo_state(demo, monkeyp
     assert html.count("data:image/png;base64,") >= 3  # validation grids + base/adapter
     text = "".join(o.get("text", "") for o in outputs)
     assert "FID ratio to base" in text
+    assert "candidate, champion" in html  # the aliases column (get_model_version has them)
 
 
 def test_the_search_notebook_runs_top_to_bottom_on_the_demo_state(demo, monkeypatch):

@@ -40,6 +40,8 @@ def test_a_missing_file_means_no_subjects_and_an_unknown_name_is_a_clear_error(t
         ({"select": {"batch": "b1"}}, r"select: unknown field\(s\) \['batch'\]"),
         ({"lora": {"rnak": 4}}, r"unknown LoRA setting\(s\) \['rnak'\]"),
         ({"gates": {"max_fid": "low"}}, "max_fid must be a number or null"),
+        ({"gates": {"decide_on": "upper"}}, "decide_on must be 'estimate' or 'interval'"),
+        ({"gates": {"confidence": 1.5}}, "confidence must be between 0 and 1"),
         ({"colour": "red"}, r"unknown field\(s\) \['colour'\]"),
     ],
 )

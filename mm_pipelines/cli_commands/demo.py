@@ -361,6 +361,7 @@ def _print_summary(s: dict[str, Any], path: Path) -> None:
     say("  mm serve                          API + search page on http://127.0.0.1:8000/")
     say("  mm dev                            the Dagster UI on this state")
     say(f"  DAGSTER_HOME={settings.dagster_home()}  ->  http://127.0.0.1:3000")
+    say(f"  mm mlflow                         runs, images, compare: {settings.mlflow_ui_url()}")
     say(f"Everything the steps recorded: {path}")
 
 

@@ -23,6 +23,7 @@ from PIL import Image
 from mm_pipelines.models.common import encode_image, image_grid, weights_version
 from mm_pipelines.pipeline import model_store as ms
 from mm_pipelines.pipeline import registry, subjects
+from mm_pipelines.pipeline import review_logging as review
 from mm_pipelines.pipeline.curate import selection as curate_selection
 from mm_pipelines.pipeline.progress import Eta
 from mm_pipelines.pipeline.services import DEMO, Services
@@ -79,7 +80,8 @@ def build_base_model(
         captions += [row.caption, row.caption]
     cfg = BaseTrainConfig(vae_steps=vae_steps, unet_steps=unet_steps, seed=seed)
     store = svc.need_models()
-    with store.staging("diffusion-base") as work, svc.need_tracker().run(run) as tracked:
+    tracker = svc.need_tracker()
+    with store.staging("diffusion-base") as work, tracker.run(run, system_metrics=True) as tracked:
         tracked.params({**dataclasses.asdict(cfg), "images": len(rows)})
 
         def progress(name: str, what: str, total: int) -> Callable[[int, float], None]:
@@ -389,7 +391,9 @@ def train_adapter(
     store = svc.need_models()
     last_grid: dict[str, bytes] = {}
     spec = run.with_tags(subject=subject.name)
-    with store.staging("lora") as work, svc.need_tracker().run(spec) as tracked:
+    tracker = svc.need_tracker()
+    val_key = f"val_{subject.validation_metric}"
+    with store.staging("lora") as work, tracker.run(spec, system_metrics=True) as tracked:
         if resume:
             _restore_checkpoint(store, ckpt_name, work)
         images, captions = _augmented_captions(ts, subject)
@@ -405,6 +409,7 @@ def train_adapter(
                 **_caption_params(subject, ts, len(captions)),
             }
         )
+        review.log_dataset(tracked, store, ms.TRAINING_SET, subject.name, ts, "training")
 
         eta = Eta(f"LoRA {subject.name}, step", cfg.steps, log)
 
@@ -413,12 +418,11 @@ def train_adapter(
             eta(step, f"loss {loss:.4f}")
 
         def on_validation(step: int, images: list, value: float | None) -> None:
-            grid = image_grid([g.image for g in images])
-            tracked.image(grid, f"validation/step_{step:06d}.png")
+            # one frame of the run's "validation" image series (MLflow's step slider)
+            tracked.image(review.labelled_grid_of(images), key="validation", step=step)
             if value is not None:
-                tracked.metrics({f"val_{subject.validation_metric}": value}, step=step)
-            big = grid.resize((grid.width * 2, grid.height * 2))
-            last_grid["png"] = encode_image(big, "png")
+                tracked.metrics({val_key: value}, step=step)
+            last_grid["png"] = encode_image(image_grid([g.image for g in images]), "png")
 
         def on_checkpoint(step: int, path: Path) -> None:
             tracked.flush()  # MLflow holds every loss up to a checkpoint once it is stored
@@ -440,11 +444,15 @@ def train_adapter(
             for step, loss in enumerate(result.losses[: result.resumed_from_step], start=1):
                 tracked.step("loss", loss, step)
         adapter_version = weights_version(result.adapter_dir, "lora")
-        tracked.metrics(
+        review.log_restored_history(tracked, result, val_key)
+        tracked.metrics({"final_loss": result.losses[-1], "train_seconds": result.seconds})
+        tracked.params(  # how the run went: facts, not curves
             {
-                "final_loss": result.losses[-1],
                 "steps_done": result.steps_done,
-                "seconds": result.seconds,
+                "resumed_from_step": result.resumed_from_step,
+                "best_step": result.best_step,
+                "stopped_early": result.stopped_early,
+                "adapter_version": adapter_version,
             }
         )
         name = registry.lora_model_name(subject.name)
@@ -467,10 +475,14 @@ def train_adapter(
         same = registry.find_version(
             tracked.tracker.client(), name, "adapter_version", adapter_version
         )
-        record.registered_version = (
-            str(same.version)
-            if same
-            else tracked.register(
+        model_id = None
+        if same:
+            record.registered_version = str(same.version)
+        else:
+            model_id = review.log_adapter_model(
+                tracked, subject, result.adapter_dir, base_dir, base_version, base_store_version
+            )
+            record.registered_version = tracked.register(
                 "adapter",
                 name,
                 tags={
@@ -479,9 +491,13 @@ def train_adapter(
                     "base_model_version": base_version,
                     "training_set_version": ts.version,
                     registry.TRAINING_KEY_TAG: key,
+                    "mm.logged_model_id": model_id,
                 },
+                model_id=model_id,
             )
-        )
+        if model_id is None:  # reused: the model logged with that version
+            model_id = same.tags.get("mm.logged_model_id", "")
+        record.params["logged_model_id"] = model_id
         metadata = {k: v for k, v in dataclasses.asdict(record).items() if k not in _LOCAL_FIELDS}
         stored = store.put(
             ms.ADAPTER,

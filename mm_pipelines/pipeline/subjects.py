@@ -29,7 +29,9 @@ One subject = one `subject` partition. The file (`MM_SUBJECTS`, default
           keep_tokens: 1                 # ... after the first N (the trigger stays first)
           variants: 4                    # pre-drawn augmentations per image
         generation: {num_inference_steps: 20, guidance_scale: 3.0}
-        gates: {max_fid_ratio_to_base: 0.9, min_clip_score: 0, max_fid: null, max_kid: null}
+        gates: {max_fid_ratio_to_base: 0.9, min_clip_score: 0, max_fid: null, max_kid: null,
+                min_references: 5, min_generated: 8, decide_on: estimate, confidence: 0.9,
+                bootstrap_resamples: 500}
 
 Plain Python: the Dagster assets and the subjects sensor call `load_subjects`.
 """
@@ -74,6 +76,15 @@ class QualityGates:
     min_clip_score: float | None = None
     # the adapter must move generations towards the references: FID(adapter) / FID(base)
     max_fid_ratio_to_base: float | None = 0.9
+    # below these sample sizes no gate passes (None = no floor): FID/KID of a few images
+    # say little (README "What FID/KID on a handful of images can tell")
+    min_references: int | None = 5
+    min_generated: int | None = 8
+    # "estimate": thresholds on the numbers; "interval": on the bound of their bootstrap
+    # interval (a max_* on the upper bound, a min_* on the lower one)
+    decide_on: str = "estimate"
+    confidence: float = 0.9
+    bootstrap_resamples: int = 500
 
 
 @dataclass(frozen=True)
@@ -185,10 +196,7 @@ def parse_subject(raw: Any, where: str, base_dir: str | Path = ".") -> Subject:
     gates = _build(QualityGates, raw.pop("gates", None), f"{where}.gates")
     captions = _build(CaptionSettings, raw.pop("captions", None), f"{where}.captions")
     _check_captions(captions, f"{where}.captions")
-    for f in dataclasses.fields(QualityGates):
-        value = getattr(gates, f.name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise SubjectConfigError(f"{where}.gates: {f.name} must be a number or null")
+    _check_gates(gates, f"{where}.gates")
     lora = raw.pop("lora", None) or {}
     _check_lora(lora, f"{where}.lora")
     subject = _build(Subject, {**raw, "select": None, "lora": None}, where)
@@ -225,6 +233,23 @@ def _check_captions(c: CaptionSettings, where: str) -> None:
         raise SubjectConfigError(f"{where}: dropout in [0, 1), keep_tokens >= 0, variants >= 1")
     if c.trigger is not None and not isinstance(c.trigger, str):
         raise SubjectConfigError(f"{where}: trigger must be text")
+
+
+def _check_gates(gates: QualityGates, where: str) -> None:
+    for f in dataclasses.fields(QualityGates):
+        value = getattr(gates, f.name)
+        if f.name == "decide_on":
+            if value not in ("estimate", "interval"):
+                raise SubjectConfigError(f"{where}: decide_on must be 'estimate' or 'interval'")
+            continue
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise SubjectConfigError(f"{where}: {f.name} must be a number or null")
+    if gates.confidence is None or gates.bootstrap_resamples is None:
+        raise SubjectConfigError(f"{where}: confidence and bootstrap_resamples cannot be null")
+    if not 0 < gates.confidence < 1:
+        raise SubjectConfigError(f"{where}: confidence must be between 0 and 1")
+    if gates.bootstrap_resamples < 100:
+        raise SubjectConfigError(f"{where}: bootstrap_resamples must be >= 100")
 
 
 def _check_lora(lora: Any, where: str) -> None:

@@ -6,7 +6,12 @@ from typing import Any
 import dagster as dg
 
 from mm_pipelines.defs.common import GPU_STEP, RETRY, no_retry_on_bad_input
-from mm_pipelines.defs.metadata import markdown_gallery
+from mm_pipelines.defs.metadata import (
+    interval_table,
+    markdown_gallery,
+    previews,
+    served_image,
+)
 from mm_pipelines.defs.partitions import subject_partitions
 from mm_pipelines.defs.resources import (
     CatalogResource,
@@ -147,9 +152,7 @@ def lora_adapter(
         **_run_link(result.run_url),
     }
     if result.validation_png:
-        metadata["validation_grid"] = dg.MetadataValue.md(
-            markdown_gallery([("validation", result.validation_png)], max_px=256)
-        )
+        metadata.update(previews("validation_grid", result.validation_png))
     return dg.MaterializeResult(metadata=metadata)
 
 
@@ -214,12 +217,14 @@ def generation_quality(
     return dg.MaterializeResult(
         metadata={
             **{k: dg.FloatMetadataValue(v) for k, v in result.flat.items()},
+            "intervals": dg.MetadataValue.json(interval_table(report["intervals"])),
+            "sample_sizes": dg.MetadataValue.json(report["sample_sizes"]),
             "feature_extractor": report["adapter"]["feature_extractor"],
             "score_prompt": report["score_prompt"],
             "adapter_version": report["adapter_version"],
             **_run_link(result.run_url),
-            "base_vs_adapter": dg.MetadataValue.md(
-                markdown_gallery([("base", result.base_png), ("adapter", result.adapter_png)], 384)
-            ),
+            "mlflow_compare": dg.MetadataValue.url(result.compare_url),
+            **previews("base_vs_adapter", result.preview_png, result.comparison_png),
+            "base_vs_adapter_mlflow": served_image("base | adapter", result.comparison_url),
         }
     )

@@ -4,6 +4,7 @@ that decide whether a registered version becomes a serving candidate."""
 import dagster as dg
 
 from mm_pipelines.defs.generative.assets import generation_quality, lora_training_set
+from mm_pipelines.defs.metadata import interval_table
 from mm_pipelines.defs.partitions import subject_partitions
 from mm_pipelines.defs.resources import MLflowResource, ModelsResource, services
 from mm_pipelines.pipeline import lora, quality, subjects
@@ -30,7 +31,9 @@ def enough_images(
     asset=generation_quality,
     partitions_def=subject_partitions,
     blocking=True,
-    description="The subject's quality gates (subjects.yaml `gates:`). On pass the adapter's "
+    description="The subject's quality gates (subjects.yaml `gates:`): thresholds on the "
+    "numbers or on their bootstrap interval's bound, and minimum sample sizes below which "
+    "nothing passes. On pass the adapter's "
     f"model version gets the `{CANDIDATE}` alias (what the serving sensor watches) and "
     f"the `{GATE_TAG}=passed` tag; on fail it is tagged failed and never candidate.",
 )
@@ -48,5 +51,8 @@ def quality_gates(
             "gates": dg.MetadataValue.json(result.gates),
             "model_version": f"{result.model} v{result.version}",
             "fid_ratio_to_base": result.fid_ratio_to_base,
+            "intervals": dg.MetadataValue.json(interval_table(result.intervals)),
+            "sample_sizes": dg.MetadataValue.json(result.sample_sizes),
+            "mlflow_version": dg.MetadataValue.url(result.version_url),
         },
     )
