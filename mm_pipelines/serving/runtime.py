@@ -223,7 +223,7 @@ class ServingModels:
         self, prompt: str, seed: int, steps: int, guidance_scale: float = 5.0
     ) -> np.ndarray:
         """[H, W, 3] float32 in [0, 1]; the same seed gives the same image on any device."""
-        from mm_pipelines.models.diffusion.generate import seed_generators
+        from mm_pipelines.models.diffusion.generate import pipeline_call_kwargs, seed_generators
 
         if self.pipeline is None:
             raise InputError("this bundle has no image generator", "no_generator", 422)
@@ -232,8 +232,9 @@ class ServingModels:
                 prompt=[prompt],
                 generator=seed_generators([seed]),
                 num_inference_steps=steps,
-                guidance_scale=guidance_scale,
                 output_type="np",
+                # SD, SDXL, SD3 or FLUX: native size and the family's own arguments
+                **pipeline_call_kwargs(self.pipeline, guidance_scale),
             )
         return np.asarray(result.images[0], np.float32)
 
