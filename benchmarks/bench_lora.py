@@ -1,23 +1,56 @@
 """LoRA training step time and generation throughput: our code vs plain diffusers, same run.
 
-Run: .venv/bin/python benchmarks/bench_lora.py [--device auto|cpu|cuda] [--steps 40]
-     [--rounds 3] [--threads 1]
+CPU, per family (tiny models):
+    .venv/bin/python benchmarks/bench_lora.py --family sd|sdxl|sd3|flux [--steps 40]
+        [--rounds 3] [--threads 1] [--no-asset]
 Prints ONE JSON object.
 
-- lora.ratio: median step time of `mm_pipelines.models.diffusion.lora.train_lora` (checkpointing and
-  callbacks included) / median step time of a minimal diffusers+peft loop written the way
-  diffusers' train_text_to_image_lora example does it (VAE + text encoder every step),
-  same model, batch, rank, optimizer. Target <= 1.1.
-- lora.ratio_same_inputs: the same against a plain loop that is also given pre-encoded
+- sd: lora.ratio: median step time of `mm_pipelines.models.diffusion.lora.train_lora`
+  (checkpointing and callbacks included) / median step time of a minimal diffusers+peft
+  loop written the way diffusers' train_text_to_image_lora example does it (VAE + text
+  encoder every step), same model, batch, rank, optimizer. Target <= 1.1.
+  lora.ratio_same_inputs: the same against a plain loop also given pre-encoded
   latents/embeddings, i.e. our loop's pure bookkeeping overhead.
-- generation.ratio: images/s of `generate_images` / images/s of calling the pipeline
+  generation.ratio: images/s of `generate_images` / images/s of calling the pipeline
   directly with the same batch size, prompts, seeds and steps. Target >= 0.9.
-- asset.*: the same two comparisons through the Dagster assets themselves
-  (`lora_adapter` materialized with its MLflow run, step times read from the logged
-  loss timestamps; `generated_images` materialized with the media store and catalog
-  writes, whole step and generation part) against the plain loop / direct pipeline
+  asset.*: the same two comparisons through the Dagster assets themselves (`lora_adapter`
+  with its MLflow run, step times from the logged loss timestamps; `generated_images`
+  with the media store and catalog writes) against the plain loop / direct pipeline
   calls in the same process. With --no-asset they are skipped.
+- sdxl, sd3, flux: lora.ratio against a loop written the way diffusers'
+  train_dreambooth_lora_{sdxl,sd3,flux}.py writes its step (instance prompt encoded once,
+  VAE every step), ratio_same_inputs against its --cache_latents step; generation as above.
 Rounds alternate between the contenders so load drift on a shared machine hits both.
+
+GPU (the lead's check, one prepared command, about 4-6 minutes on an H100/H200):
+FLUX.1-dev-sized transformer (11.9 B, random weights, built on the meta device and
+materialised on the GPU), rank 16 on the attention projections, batch 1, cached text
+embeddings, 512 and 1024 px: step time and peak memory with bf16, with gradient
+checkpointing, and with NF4 + 8-bit AdamW + checkpointing; the diffusers-script reference
+step at 512 px and our ratio to it; SDXL-sized UNet (2.6 B) at 1024 px the same way; with
+--probe-cudnn one FLUX 512 px run with cuDNN attention in a child process (it crashed on
+an H200: the attention backend is a setting, "default" leaves cuDNN out).
+The GPU box has torch 2.11 + transformers 5.17 + peft + accelerate + Pillow, not diffusers
+or bitsandbytes: carry them as wheels (bitsandbytes slimmed to its CUDA 13 libraries, 43
+-> 7 MB; diffusers 6 MB). Here, in the repository root, once:
+
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_24_x86_64 -d .whl \
+        diffusers==0.42.1 importlib_metadata==10.2.0 bitsandbytes==0.50.2
+    zip -qd .whl/bitsandbytes-0.50.2-*.whl 'bitsandbytes/libbitsandbytes_cuda1[12]*' \
+        'bitsandbytes/libbitsandbytes_rocm*' 'bitsandbytes/libbitsandbytes_xpu*'
+
+then the device run (carry [".whl"], timeout_s 600):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 \
+        && python3 benchmarks/bench_lora.py --gpu --probe-cudnn \
+        --out $OUT/bench_lora_gpu.json 2>&1 | tee $OUT/bench_lora_gpu.log
+
+Every row is tried on its own (an OOM or kernel error is recorded, the next row runs);
+rows print to stderr as they finish, so a cut-off run still shows what it measured.
+`--gpu --dry-run` runs the same code paths with tiny widths on any device (CPU check).
 """
 
 from __future__ import annotations
@@ -105,7 +138,7 @@ def _plain_step_times(device: torch.device, cfg: LoraTrainConfig, cached: bool) 
             r=cfg.rank,
             lora_alpha=cfg.alpha,
             init_lora_weights="gaussian",
-            target_modules=list(cfg.target_modules),
+            target_modules=list(cfg.target_modules or ("to_k", "to_q", "to_v", "to_out.0")),
         )
     )
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -925,10 +958,13 @@ def _gpu_ours(
         stamps.append(time.perf_counter())
 
     _reset_peak(device)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = train_lora(
-            pipe, _gpu_images(size), PROMPT, tmp, cfg, device=device, on_step=on_step
-        )
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = train_lora(
+                pipe, _gpu_images(size), PROMPT, tmp, cfg, device=device, on_step=on_step
+            )
+    finally:  # the base as it was for the next row, also after an OOM
+        _unload(get_family(family).denoiser(pipe))
     times = [b - a for a, b in zip(stamps[2:], stamps[3:], strict=False)]  # 2 warm-up steps
     row = {
         "step_ms_median": round(1000 * statistics.median(times), 1),
@@ -938,8 +974,13 @@ def _gpu_ours(
         "final_loss": round(result.losses[-1], 4),
         **_peak(device),
     }
-    get_family(family).denoiser(pipe).unload_lora()  # the base as it was, for the next row
     return row
+
+
+def _unload(denoiser: Any) -> None:
+    if getattr(denoiser, "peft_config", None):
+        denoiser.unload_lora()
+    _free(next(denoiser.parameters()).device)
 
 
 def _gpu_reference(
@@ -949,12 +990,37 @@ def _gpu_reference(
     cast_training_params, AdamW, cached latents and text embeddings, batch 1), run under
     the same attention restriction as ours (cuDNN SDPA crashed on FLUX shapes)."""
     from mm_pipelines.models.diffusion.families import get_family
-    from mm_pipelines.models.diffusion.memory import attention_backend
 
     fam = get_family(family)
     cfg = LoraTrainConfig(rank=16, alpha=16, target_modules=ATTENTION_TARGETS[family])
+    denoiser = fam.denoiser(pipe)
     _reset_peak(device)
-    params = _script_lora(pipe, family, cfg)
+    try:
+        params = _script_lora(pipe, family, cfg)
+        times = _reference_steps(pipe, family, size, device, steps, params)
+    finally:
+        denoiser.eval()
+        _unload(denoiser)
+    return {
+        "step_ms_median": round(1000 * statistics.median(times[2:]), 1),
+        "step_ms_min": round(1000 * min(times[2:]), 1),
+        "timed_steps": len(times) - 2,
+        **_peak(device),
+    }
+
+
+def _reference_steps(
+    pipe: Any,
+    family: str,
+    size: int,
+    device: torch.device,
+    steps: int,
+    params: list[torch.nn.Parameter],
+) -> list[float]:
+    from mm_pipelines.models.diffusion.families import get_family
+    from mm_pipelines.models.diffusion.memory import attention_backend
+
+    fam = get_family(family)
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
     sched = fam.training_scheduler(pipe)
     with torch.no_grad():
@@ -963,7 +1029,7 @@ def _gpu_reference(
         mean, std = dist.mean.float(), dist.std.float()
         text = _script_prompt_embeds(pipe, family, 1)
     shift, scale = pipe.vae.config.shift_factor or 0.0, pipe.vae.config.scaling_factor
-    denoiser = fam.denoiser(pipe).train()
+    fam.denoiser(pipe).train()
     times = []
     with attention_backend("default", device):
         for _ in range(steps + 2):
@@ -981,16 +1047,7 @@ def _gpu_reference(
             _ = loss.item()
             _sync(device)
             times.append(time.perf_counter() - t0)
-    denoiser.eval()
-    row = {
-        "step_ms_median": round(1000 * statistics.median(times[2:]), 1),
-        "step_ms_min": round(1000 * min(times[2:]), 1),
-        "timed_steps": len(times) - 2,
-        **_peak(device),
-    }
-    del opt, params
-    denoiser.unload_lora()
-    return row
+    return times
 
 
 def _gpu_rows(

@@ -106,3 +106,19 @@ def base_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mm_pipelines_tests.models.conftest_diffusion import make_base_pipeline_dir
 
     return make_base_pipeline_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def family_base_dir(base_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """family -> tiny base pipeline directory, trained on first use ("sd": the session's
+    `base_pipeline_dir`; "sdxl", "sd3", "flux": its VAE plus the family's own denoiser)."""
+    from mm_pipelines_tests.models.conftest_diffusion import make_family_base_dir
+
+    built: dict[str, Path] = {"sd": base_pipeline_dir}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = make_family_base_dir(family, base_pipeline_dir, tmp_path_factory)
+        return built[family]
+
+    return get

@@ -37,19 +37,3 @@ def speech_clips() -> list[tuple[str, np.ndarray, str]]:
     from mm_pipelines.pipeline.sample_data import speech_clips as shipped
 
     return [(n, load_audio(SPEECH_DIR / n), t) for n, t in sorted(shipped().items())]
-
-
-@pytest.fixture(scope="session")
-def family_base_dir(base_pipeline_dir, tmp_path_factory: pytest.TempPathFactory):
-    """family -> tiny base pipeline directory, trained on first use (SD: the session's
-    `base_pipeline_dir`; SDXL/SD3/FLUX: its VAE plus the family's denoiser)."""
-    from mm_pipelines_tests.models.conftest_diffusion import make_family_base_dir
-
-    built: dict[str, object] = {"sd": base_pipeline_dir}
-
-    def get(family: str):
-        if family not in built:
-            built[family] = make_family_base_dir(family, base_pipeline_dir, tmp_path_factory)
-        return built[family]
-
-    return get

@@ -271,14 +271,14 @@ def _trained_encoders(pipeline: Any, family: Family, cfg: LoraTrainConfig) -> se
 
 @torch.no_grad()
 def _prepare_part(
-    run_pipeline: Any,
+    pipeline: Any,
     family: Family,
     images: Sequence[Image.Image],
     captions: Sequence[str],
     cfg: LoraTrainConfig,
     device: torch.device,
 ) -> _Part:
-    pipeline = run_pipeline
+    """Latents (cached or pixels kept) and text (cached per encoder, or ids to run)."""
     res = pipeline_resolution(pipeline)
     pixels = images_to_tensor(images, res).to(device)
     mean = std = None

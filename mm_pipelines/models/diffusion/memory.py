@@ -110,8 +110,8 @@ def quantize_nf4_(module: torch.nn.Module, compute_dtype: torch.dtype) -> int:
                 device="meta",
             )
             q.weight = bnb.nn.Params4bit(
-                child.weight.data, requires_grad=False, quant_type="nf4"
-            ).to(device)  # quantized on the move to CUDA
+                child.weight.data, requires_grad=False, quant_type="nf4", module=q
+            ).to(device)  # quantized on the move to CUDA (module gets its quant_state)
             if child.bias is not None:
                 q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
             setattr(module, name, q)

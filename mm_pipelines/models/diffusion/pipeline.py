@@ -132,5 +132,14 @@ def _nf4_config(path: str | Path, dtype: torch.dtype) -> Any:
     )
 
 
+def base_dir_version(path: str | Path) -> str:
+    """Content version of a base pipeline directory, labelled with its family
+    ("sdxl:<sha>", "flux:<sha>"); an unsupported pipeline class is refused here."""
+    from mm_pipelines.models.common import weights_version
+    from mm_pipelines.models.diffusion.families import family_of_dir
+
+    return weights_version(path, family_of_dir(path).name)
+
+
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
