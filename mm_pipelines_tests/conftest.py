@@ -138,3 +138,19 @@ def demo(tmp_path_factory, demo_clip, base_pipeline_dir):
     proc = run_mm("demo", env=env, timeout=1500)
     yield proc, env
     run_mm("db", "stop", env=env)
+
+
+@pytest.fixture(scope="session")
+def family_base_dir(base_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """family -> tiny base pipeline directory, trained on first use ("sd": the session's
+    `base_pipeline_dir`; "sdxl", "sd3", "flux": its VAE plus the family's own denoiser)."""
+    from mm_pipelines_tests.models.conftest_diffusion import make_family_base_dir
+
+    built: dict[str, Path] = {"sd": base_pipeline_dir}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = make_family_base_dir(family, base_pipeline_dir, tmp_path_factory)
+        return built[family]
+
+    return get

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mm_pipelines.models.common import weights_version
+from mm_pipelines.models.diffusion.pipeline import base_dir_version
 from mm_pipelines.pipeline import model_store as ms
 from mm_pipelines.pipeline import registry
 from mm_pipelines.pipeline.services import DEMO, Services
@@ -35,7 +35,7 @@ def _base_dir_for(svc: Services, candidate: registry.Candidate) -> tuple[Path, s
     wanted = candidate.tags.get("base_model_version")
     if svc.choice.diffusion_base:
         base_dir = Path(svc.choice.diffusion_base)
-        version = weights_version(base_dir, "sd")
+        version = base_dir_version(base_dir)
         if wanted and wanted != version:
             raise ExportRefused(
                 f"{candidate.key} was trained on base model {wanted}, but {base_dir} is "

@@ -35,6 +35,7 @@ def generate_for_subject(
         negative_prompt=g.negative_prompt,
         scheduler=g.scheduler,
         progress=progress,
+        true_cfg_scale=g.true_cfg_scale,
     )
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from PIL import Image
 
 from mm_pipelines.models.common import encode_image, image_grid, weights_version
+from mm_pipelines.models.diffusion.pipeline import base_dir_version
 from mm_pipelines.pipeline import model_store as ms
 from mm_pipelines.pipeline import registry, subjects
 from mm_pipelines.pipeline import review_logging as review
@@ -66,7 +67,7 @@ def build_base_model(
 
     if svc.choice.diffusion_base:
         svc.load_base_pipeline()
-        return BaseModelResult(weights_version(svc.choice.diffusion_base, "sd"), False)
+        return BaseModelResult(base_dir_version(svc.choice.diffusion_base), False)
     with connect(svc.need_dsn()) as conn:
         rows = [r for r in generated.select_images(conn, limit=10_000) if r.caption]
     if not rows:
@@ -129,7 +130,7 @@ def base_model_version(svc: Services) -> tuple[Path, str, str | None]:
     """(local folder, model version, store version or None for an external base)."""
     if svc.choice.diffusion_base:
         path = Path(svc.choice.diffusion_base)
-        return path, weights_version(path, "sd"), None
+        return path, base_dir_version(path), None
     artifact = svc.need_models().get(ms.DIFFUSION_BASE, DEMO)
     return artifact.path, artifact.version, artifact.version
 

@@ -18,7 +18,8 @@ One subject = one `subject` partition. The file (`MM_SUBJECTS`, default
         prompts: [a photo of sks]
         prompts_file: prompts.txt       # optional, one per line (relative to this file)
         seeds: [0, 1, 2, 3, 4, 5, 6, 7]
-        lora: {rank: 4, alpha: 8, learning_rate: 0.01, steps: 150}
+        lora: {rank: 4, alpha: 8, learning_rate: 0.01, steps: 150}  # any LoraTrainConfig
+        # field, e.g. target_modules, gradient_checkpointing, nf4, optimizer: adamw8bit
         validation_metric: clip_distance
         min_aesthetic: 0.5               # optional: leave out images scored below (curation)
         captions:                        # optional: train on catalog captions (kohya style)
@@ -28,7 +29,7 @@ One subject = one `subject` partition. The file (`MM_SUBJECTS`, default
           shuffle: true                  # shuffle comma-separated tokens ...
           keep_tokens: 1                 # ... after the first N (the trigger stays first)
           variants: 4                    # pre-drawn augmentations per image
-        generation: {num_inference_steps: 20, guidance_scale: 3.0}
+        generation: {num_inference_steps: 20, guidance_scale: 3.0}  # FLUX: true_cfg_scale
         gates: {max_fid_ratio_to_base: 0.9, min_clip_score: 0, max_fid: null, max_kid: null,
                 min_references: 5, min_generated: 8, decide_on: estimate, confidence: 0.9,
                 bootstrap_resamples: 500}
@@ -93,6 +94,7 @@ class GenerationSettings:
     guidance_scale: float = 3.0
     scheduler: str | None = None
     negative_prompt: str | None = None
+    true_cfg_scale: float | None = None  # FLUX.1: real CFG, what its negative prompt needs
     batch_size: int = 8
 
 

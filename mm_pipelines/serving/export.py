@@ -224,6 +224,7 @@ def _export_diffusion(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Copy the adapter, save the pipeline (LoRA fused when asked), return the reference
     image computed by the training-side way: base pipeline + adapter loaded unfused."""
+    from mm_pipelines.models.diffusion.families import family_of
     from mm_pipelines.models.diffusion.lora import WEIGHT_NAME, load_adapter
     from mm_pipelines.models.diffusion.pipeline import load_pipeline, save_pipeline
 
@@ -245,19 +246,20 @@ def _export_diffusion(
         pipe.unload_lora_weights()  # unfused: the runtime loads lora/ onto the base
     save_pipeline(pipe, folder / "pipeline")
     info["pipeline_class"] = type(pipe).__name__
+    info["family"] = family_of(pipe).name
     return reference, info
 
 
 def _generate_np(pipe: Any, prompt: str, seed: int, steps: int) -> np.ndarray:
-    from mm_pipelines.models.diffusion.generate import seed_generators
+    from mm_pipelines.models.diffusion.generate import pipeline_call_kwargs, seed_generators
 
     with torch.no_grad():
         result = pipe(
             prompt=[prompt],
             generator=seed_generators([seed]),
             num_inference_steps=steps,
-            guidance_scale=GUIDANCE_SCALE,
             output_type="np",
+            **pipeline_call_kwargs(pipe, GUIDANCE_SCALE),  # any family, its native size
         )
     return np.asarray(result.images[0], np.float32)
 

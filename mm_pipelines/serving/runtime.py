@@ -235,20 +235,19 @@ class ServingModels:
     ) -> np.ndarray:
         """[H, W, 3] float32 in [0, 1]; the same seed gives the same image on any device.
         `size` (width, height) defaults to the model's own resolution."""
-        from mm_pipelines.models.diffusion.generate import seed_generators
+        from mm_pipelines.models.diffusion.generate import pipeline_call_kwargs, seed_generators
 
         if self.pipeline is None:
             raise InputError("this bundle has no image generator", "no_generator", 422)
-        width, height = size or (None, None)
+        sized = {"width": size[0], "height": size[1]} if size else {}
         with self._generate_lock, torch.no_grad():
             result = self.pipeline(
                 prompt=[prompt],
                 generator=seed_generators([seed]),
                 num_inference_steps=steps,
-                guidance_scale=guidance_scale,
                 output_type="np",
-                width=width,
-                height=height,
+                # SD, SDXL, SD3 or FLUX: native size and the family's own arguments
+                **{**pipeline_call_kwargs(self.pipeline, guidance_scale), **sized},
             )
         return np.asarray(result.images[0], np.float32)
 
@@ -257,7 +256,9 @@ class ServingModels:
         """(width, height) the generator was trained at; None without a generator."""
         if self.pipeline is None:
             return None
-        side = int(self.pipeline.unet.config.sample_size) * int(self.pipeline.vae_scale_factor)
+        from mm_pipelines.models.diffusion.pipeline import pipeline_resolution
+
+        side = pipeline_resolution(self.pipeline)
         return side, side
 
     def generate(

@@ -89,6 +89,21 @@ def subject_images(n: int = 8, seed: int = 1) -> list[Image.Image]:
     ]
 
 
+class PixelFeatures(torch.nn.Module):
+    """Colour-layout features (4x4 average-pooled RGB, 48 dims) for FID/KID in the tests.
+
+    A random CLIP tower would also do, but its features are arbitrary; this one measures
+    what the subject is (its background colour), so a margin on it means something.
+    """
+
+    num_features = 48
+    name = "pixels-4x4"
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        x = imgs.float() / 255.0
+        return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
 @contextmanager
 def torch_threads(n: int = 1) -> Iterator[None]:
     """Run with `n` intra-op threads, then restore.
@@ -115,6 +130,36 @@ def make_base_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             captions,
             model_config=TinyDiffusionConfig(resolution=RESOLUTION),
             train_config=BASE_TRAIN,
+            device="cpu",
+            output_dir=out,
+        )
+    assert result.unet_losses[-1] < result.unet_losses[0]
+    return out
+
+
+# SDXL/SD3/FLUX tiny bases: the SD base's trained VAE, the family's denoiser trained
+# briefly on the same shapes (the VAE is what makes a subject visible at all; a denoiser
+# that draws shapes is what the subject then moves).
+FAMILY_BASE_TRAIN = BaseTrainConfig(unet_steps=200, seed=0)
+
+
+def make_family_base_dir(
+    family: str, sd_base_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """Train a tiny `family` base on the shapes set around the SD base's VAE and save it."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(sd_base_dir / "vae", local_files_only=True)
+    images, captions = shapes_dataset()
+    out = tmp_path_factory.mktemp(f"base_{family}")
+    with torch_threads(1):
+        result = train_base_pipeline(
+            images,
+            captions,
+            family=family,
+            vae=vae,
+            model_config=TinyDiffusionConfig(resolution=RESOLUTION),
+            train_config=FAMILY_BASE_TRAIN,
             device="cpu",
             output_dir=out,
         )

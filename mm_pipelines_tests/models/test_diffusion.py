@@ -27,6 +27,7 @@ from mm_pipelines.models.diffusion.metrics import distribution_metrics, mean_col
 from mm_pipelines.models.diffusion.pipeline import load_pipeline
 from mm_pipelines_tests.models.conftest_diffusion import (
     SUBJECT_PROMPT,
+    PixelFeatures,
     subject_images,
     torch_threads,
 )
@@ -46,21 +47,6 @@ LORA = LoraTrainConfig(
     noise_offset=0.1,
     snr_gamma=5.0,
 )
-
-
-class _PixelFeatures(torch.nn.Module):
-    """Colour-layout features (4x4 average-pooled RGB, 48 dims) for FID/KID in the test.
-
-    A random CLIP tower would also do, but its features are arbitrary; this one measures
-    what the subject is (its background colour), so the margin below means something.
-    """
-
-    num_features = 48
-    name = "pixels-4x4"
-
-    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        x = imgs.float() / 255.0
-        return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -111,8 +97,8 @@ def test_lora_moves_generations_towards_subject(lora_run) -> None:
     after = [g.image for g in lora_run.after]
     d_before = mean_color_distance(before, refs)
     d_after = mean_color_distance(after, refs)
-    m_before = distribution_metrics(refs, before, _PixelFeatures())
-    m_after = distribution_metrics(refs, after, _PixelFeatures())
+    m_before = distribution_metrics(refs, before, PixelFeatures())
+    m_after = distribution_metrics(refs, after, PixelFeatures())
     print(
         f"\ncolour distance {d_before:.1f} -> {d_after:.1f}; "
         f"FID {m_before.fid.fid:.3f} -> {m_after.fid.fid:.3f}; "

@@ -10,6 +10,7 @@ Plain Python: progress is reported through callbacks so the caller decides where
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,13 +23,12 @@ from PIL import Image
 
 from mm_pipelines.models.common import autocast, resolve_device, resolve_dtype
 from mm_pipelines.models.demo.tokenizers import build_clip_tokenizer
-from mm_pipelines.models.diffusion.pipeline import encode_prompts, save_pipeline
+from mm_pipelines.models.diffusion.pipeline import save_pipeline
 from mm_pipelines.models.diffusion.training import (
-    diffusion_loss,
+    crop_sizes,
     encode_latent_dist,
     images_to_tensor,
     make_optimizer,
-    sample_latents,
 )
 
 ProgressFn = Callable[[int, float], None]
@@ -200,22 +200,30 @@ def train_base_pipeline(
     images: Sequence[Image.Image],
     captions: Sequence[str],
     *,
+    family: str = "sd",
     model_config: TinyDiffusionConfig | None = None,
     train_config: BaseTrainConfig | None = None,
+    vae: Any | None = None,
     device: str | torch.device = "cpu",
     output_dir: str | Path | None = None,
     progress: ProgressFn | None = None,
     vae_progress: ProgressFn | None = None,
 ) -> BaseTrainResult:
-    """Build the tiny pipeline and train it from scratch on `images` + `captions`.
+    """Build the tiny pipeline of `family` and train it from scratch on `images` + `captions`.
 
-    Two phases: the VAE (reconstruction + small KL), then the UNet on frozen VAE latents
-    with the (frozen, random) text encoder's caption embeddings. The latent scaling
-    factor is measured (1 / std of latents) so the diffusion sees unit-variance latents,
-    as SD's 0.18215 does for its VAE. Deterministic for a given seed on a given device.
-    `progress(step, loss)` is called after each UNet step, `vae_progress` after each
-    VAE step. Saved with `save_pretrained` when `output_dir` is given.
+    Two phases: the VAE (reconstruction + small KL; skipped when a trained `vae` is given,
+    e.g. the tiny SD base's), then the denoiser on frozen VAE latents with the (frozen,
+    random) text encoders' caption embeddings and the family's own loss (epsilon for
+    SD/SDXL, rectified flow for SD3/FLUX). The latent scaling factor is measured (1 / std
+    of latents) so the diffusion sees unit-variance latents, as SD's 0.18215 does for its
+    VAE; SD3/FLUX also get the latent mean as their VAE shift factor. Deterministic for a
+    given seed on a given device. `progress(step, loss)` is called after each denoiser
+    step, `vae_progress` after each VAE step. Saved with `save_pretrained` when
+    `output_dir` is given. `train_config.unet_steps` is the denoiser's step count.
     """
+    from mm_pipelines.models.demo.tiny_families import TinyFamilyConfig, build_tiny_family_pipeline
+    from mm_pipelines.models.diffusion.families import family_of
+
     if len(images) != len(captions) or not images:
         raise ValueError("need the same, non-zero number of images and captions")
     mcfg = model_config or TinyDiffusionConfig()
@@ -223,33 +231,77 @@ def train_base_pipeline(
     device = resolve_device(device)
     t0 = time.perf_counter()
 
-    pipe = build_tiny_pipeline(mcfg, seed=tcfg.seed)
+    if family == "sd":
+        pipe = build_tiny_pipeline(mcfg, seed=tcfg.seed)
+        if vae is not None:
+            pipe.vae = copy.deepcopy(vae)
+    else:
+        fcfg = TinyFamilyConfig(resolution=mcfg.resolution, latent_channels=mcfg.latent_channels)
+        pipe = build_tiny_family_pipeline(family, vae=vae, config=fcfg, seed=tcfg.seed)
+    fam = family_of(pipe)
     pipe.to(device)  # fp32 master weights; autocast does mixed precision on CUDA
     amp_dtype = resolve_dtype(device, "auto")
     pixels = images_to_tensor(images, mcfg.resolution)
     gen = torch.Generator().manual_seed(tcfg.seed)
 
-    vae_losses = _train_vae(pipe.vae, pixels, tcfg, device, amp_dtype, gen, vae_progress)
+    vae_losses: list[float] = []
+    if vae is None:
+        vae_losses = _train_vae(pipe.vae, pixels, tcfg, device, amp_dtype, gen, vae_progress)
     mean, std = encode_latent_dist(pipe.vae, pixels)
     scaling = 1.0 / float(mean.std().clamp_min(1e-6))
-    pipe.vae.register_to_config(scaling_factor=scaling)
+    shift = float(mean.mean()) if fam.flow_matching else None
+    pipe.vae.register_to_config(scaling_factor=scaling, shift_factor=shift)
 
-    unet_losses = _train_unet(
-        pipe, mean, std, list(captions), tcfg, device, amp_dtype, gen, progress
+    cond, uncond = _caption_conditioning(pipe, fam, images, list(captions), mcfg.resolution)
+    unet_losses = _train_denoiser(
+        pipe, fam, mean, std, cond, uncond, tcfg, device, amp_dtype, gen, progress
     )
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.eval().requires_grad_(False)
+    for comp in pipe.components.values():
+        if isinstance(comp, torch.nn.Module):
+            comp.eval().requires_grad_(False)
 
     out = None
     if output_dir is not None:
         out = save_pipeline(pipe, output_dir)
     params = {
+        "family": fam.name,
         **{f"model.{k}": v for k, v in asdict(mcfg).items()},
         **{f"train.{k}": v for k, v in asdict(tcfg).items()},
         "vae.scaling_factor": scaling,
+        "vae.shift_factor": shift,
+        "vae.trained_here": vae is None,
         "device": str(device),
     }
     return BaseTrainResult(pipe, out, vae_losses, unet_losses, time.perf_counter() - t0, params)
+
+
+@torch.no_grad()
+def _caption_conditioning(
+    pipe: Any, fam: Any, images: Sequence[Image.Image], captions: list[str], resolution: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Caption conditioning of every image, and the unconditional one (batch of 1) that
+    classifier-free guidance will use at inference: the empty prompt's, or zeros where
+    the pipeline zeroes it (SDXL's force_zeros_for_empty_prompt)."""
+    device = fam.denoiser(pipe).device
+
+    def encode(prompts: list[str]) -> dict[str, torch.Tensor]:
+        ids = fam.tokenize(pipe, prompts)
+        outs = {n: fam.run_encoder(pipe, n, i) for n, i in ids.items()}
+        return {k: v.to(device) for k, v in fam.combine(pipe, outs, len(prompts)).items()}
+
+    cond = encode(captions)
+    cond.update(
+        {
+            k: v.to(device)
+            for k, v in fam.image_conditioning(
+                pipe, crop_sizes(images, resolution), resolution
+            ).items()
+        }
+    )
+    uncond = encode([""])
+    if getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        uncond = {k: torch.zeros_like(v) for k, v in uncond.items()}
+    return cond, uncond
 
 
 def _train_vae(
@@ -293,41 +345,48 @@ def _color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> tor
     return (x * gain + offset).clamp(-1, 1)
 
 
-def _train_unet(
+def _train_denoiser(
     pipe: Any,
+    fam: Any,
     mean: torch.Tensor,
     std: torch.Tensor,
-    captions: list[str],
+    cond: dict[str, torch.Tensor],
+    uncond: dict[str, torch.Tensor],
     tcfg: BaseTrainConfig,
     device: torch.device,
     amp_dtype: torch.dtype,
     gen: torch.Generator,
     progress: ProgressFn | None,
 ) -> list[float]:
-    from diffusers import DDPMScheduler
+    from mm_pipelines.models.diffusion.lora import LoraTrainConfig
 
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    # the text encoder stays frozen: cache caption embeddings and the empty prompt's once
-    text_emb = encode_prompts(pipe, captions, device)
-    empty_emb = encode_prompts(pipe, [""], device)
-    unet = pipe.unet.train().requires_grad_(True)
-    opt = make_optimizer(unet.parameters(), tcfg.unet_learning_rate, weight_decay=1e-2)
-    scaling = float(pipe.vae.config.scaling_factor)
+    loss_settings = LoraTrainConfig()  # the families' loss defaults (no offset, no Min-SNR)
+    noise_scheduler = fam.training_scheduler(pipe)
+    denoiser = fam.denoiser(pipe).train().requires_grad_(True)
+    opt = make_optimizer(denoiser.parameters(), tcfg.unet_learning_rate, weight_decay=1e-2)
     losses: list[float] = []
     batches = _batches(len(mean), tcfg.batch_size, gen)
     for step in range(1, tcfg.unet_steps + 1):
         idx = next(batches)
-        latents = sample_latents(mean[idx], std[idx], scaling, gen)
+        eps = torch.randn(mean[idx].shape, generator=gen).to(mean.device)
+        latents = fam.scale_latents(pipe, mean[idx] + std[idx] * eps)
         drop = (torch.rand(len(idx), generator=gen) < tcfg.caption_dropout).to(device)
-        emb = torch.where(drop[:, None, None], empty_emb, text_emb[idx.to(device)])
+        batch = {}
+        for key, value in cond.items():  # empty captions: the unconditional mode for CFG
+            picked = value[idx.to(device)]
+            if key in uncond:
+                mask = drop.view(-1, *[1] * (picked.dim() - 1))
+                picked = torch.where(mask, uncond[key].expand_as(picked), picked)
+            batch[key] = picked
         # fp32 master weights; amp_dtype only switches on autocast (CUDA)
-        loss = diffusion_loss(unet, noise_scheduler, latents, emb, gen, amp_dtype).mean()
+        loss = fam.loss(pipe, noise_scheduler, latents, batch, gen, loss_settings, amp_dtype)
+        loss = loss.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), tcfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), tcfg.max_grad_norm)
         opt.step()
         losses.append(loss.item())
         if progress is not None:
             progress(step, losses[-1])
-    unet.eval().requires_grad_(False)
+    denoiser.eval().requires_grad_(False)
     return losses

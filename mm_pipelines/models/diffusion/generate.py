@@ -4,6 +4,10 @@ Plain Python (no Dagster, no MLflow). Every image gets its own `torch.Generator`
 with its seed, created on the CPU: the same seed gives the same initial noise whatever
 the batch it lands in and whatever the device, so an image can be regenerated from its
 recorded params alone.
+
+Every family (SD 1.x, SDXL, SD3/3.5, FLUX.1) goes through the same call; the family
+adapter adds what its pipeline needs: SD3/FLUX the T5 length training used, FLUX its
+guidance embedding value and, only with `true_cfg_scale`, a negative prompt.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import Any
 
 import torch
 from PIL import Image
+
+from mm_pipelines.models.diffusion.pipeline import pipeline_resolution
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,7 @@ class GenerationParams:
     height: int
     width: int
     negative_prompt: str | None = None
+    true_cfg_scale: float | None = None  # FLUX.1 only: real CFG with the negative prompt
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,6 +56,25 @@ def set_scheduler(pipeline: Any, name: str) -> None:
     if cls is None or not hasattr(cls, "from_config"):
         raise ValueError(f"unknown diffusers scheduler {name!r}")
     pipeline.scheduler = cls.from_config(pipeline.scheduler.config)
+
+
+def pipeline_call_kwargs(
+    pipeline: Any,
+    guidance_scale: float,
+    negative_prompt: str | None = None,
+    batch: int = 1,
+    true_cfg_scale: float | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments for calling any family's pipeline directly, besides prompt,
+    generator and steps: its native size (FLUX.1's default is 1024 px whatever the
+    model) and the family's own (T5 length, FLUX guidance, negative prompt rules)."""
+    from mm_pipelines.models.diffusion.families import family_of
+
+    size = pipeline_resolution(pipeline)
+    kwargs = family_of(pipeline).call_kwargs(
+        pipeline, guidance_scale, negative_prompt, batch, true_cfg_scale
+    )
+    return {"height": size, "width": size, **kwargs}
 
 
 def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -75,6 +101,7 @@ def generate_images(
     width: int | None = None,
     scheduler: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    true_cfg_scale: float | None = None,
 ) -> list[GeneratedImage]:
     """Generate `len(prompts) * len(seeds)` images in batches of `batch_size`.
 
@@ -84,18 +111,23 @@ def generate_images(
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
+    from mm_pipelines.models.diffusion.families import family_of
+
+    family = family_of(pipeline)
+    family.call_kwargs(pipeline, guidance_scale, negative_prompt, 1, true_cfg_scale)  # checks
     if scheduler is not None:
         set_scheduler(pipeline, scheduler)
-    size = _default_size(pipeline)
+    size = pipeline_resolution(pipeline)
     height, width = height or size, width or size
     pairs = prompt_seed_pairs(prompts, seeds)
     sched_name = type(pipeline.scheduler).__name__
     out: list[GeneratedImage] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        images = _run_batch(
-            pipeline, chunk, num_inference_steps, guidance_scale, negative_prompt, height, width
+        kwargs = family.call_kwargs(
+            pipeline, guidance_scale, negative_prompt, len(chunk), true_cfg_scale
         )
+        images = _run_batch(pipeline, chunk, num_inference_steps, height, width, kwargs)
         for (prompt, seed), image in zip(chunk, images, strict=True):
             params = GenerationParams(
                 prompt=prompt,
@@ -106,6 +138,7 @@ def generate_images(
                 height=height,
                 width=width,
                 negative_prompt=negative_prompt,
+                true_cfg_scale=true_cfg_scale,
             )
             out.append(GeneratedImage(image, params))
         if progress is not None:
@@ -117,33 +150,17 @@ def _run_batch(
     pipeline: Any,
     chunk: list[tuple[str, int]],
     steps: int,
-    guidance: float,
-    negative_prompt: str | None,
     height: int,
     width: int,
+    kwargs: dict[str, Any],
 ) -> list[Image.Image]:
-    kwargs: dict[str, Any] = {}
-    if negative_prompt is not None:
-        kwargs["negative_prompt"] = [negative_prompt] * len(chunk)
     result = pipeline(
         prompt=[p for p, _ in chunk],
         generator=seed_generators([s for _, s in chunk]),
         num_inference_steps=steps,
-        guidance_scale=guidance,
         height=height,
         width=width,
         output_type="pil",
         **kwargs,
     )
     return list(result.images)
-
-
-def _default_size(pipeline: Any) -> int:
-    """The denoiser's native resolution (UNet sample size x VAE scale factor)."""
-    denoiser = getattr(pipeline, "unet", None)
-    if denoiser is None:
-        denoiser = getattr(pipeline, "transformer", None)
-    sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
-    if isinstance(sample, int) and hasattr(pipeline, "vae_scale_factor"):
-        return sample * int(pipeline.vae_scale_factor)
-    return 512

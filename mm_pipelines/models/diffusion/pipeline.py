@@ -18,15 +18,28 @@ from mm_pipelines.models.common import Precision, resolve_device, resolve_dtype
 
 
 def pipeline_resolution(pipeline: Any) -> int:
-    """Pixel resolution the pipeline's UNet was built for."""
-    return int(pipeline.unet.config.sample_size) * int(pipeline.vae_scale_factor)
+    """Pixel resolution the pipeline's denoiser was built for (any family)."""
+    denoiser = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+    kind = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"
+    return _resolution(kind, dict(denoiser.config), dict(pipeline.vae.config))
 
 
 def pipeline_dir_resolution(path: str | Path) -> int:
     """The same, read from a saved pipeline's configs (no weights loaded)."""
-    unet = json.loads((Path(path) / "unet" / "config.json").read_text())
+    kind = _denoiser_name(path)
+    denoiser = json.loads((Path(path) / kind / "config.json").read_text())
     vae = json.loads((Path(path) / "vae" / "config.json").read_text())
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    return _resolution(kind, denoiser, vae)
+
+
+def _resolution(kind: str, denoiser: dict[str, Any], vae: dict[str, Any]) -> int:
+    """UNets and SD3's transformer: latent sample size x VAE scale factor; FLUX's
+    transformer has no size in its config: the VAE's sample size (1024 px for FLUX.1)."""
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    sample = denoiser.get("sample_size")
+    if isinstance(sample, int):
+        return sample * scale
+    return int(vae.get("sample_size") or 1024)
 
 
 @torch.no_grad()
@@ -117,6 +130,15 @@ def _nf4_config(path: str | Path, dtype: torch.dtype) -> Any:
         },
         components_to_quantize=[_denoiser_name(path)],
     )
+
+
+def base_dir_version(path: str | Path) -> str:
+    """Content version of a base pipeline directory, labelled with its family
+    ("sdxl:<sha>", "flux:<sha>"); an unsupported pipeline class is refused here."""
+    from mm_pipelines.models.common import weights_version
+    from mm_pipelines.models.diffusion.families import family_of_dir
+
+    return weights_version(path, family_of_dir(path).name)
 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
