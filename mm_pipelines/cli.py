@@ -183,7 +183,10 @@ def _add_keys_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("action", choices=["create", "list", "revoke"], help="what to do")
     p.add_argument("key", nargs="?", help="revoke: the key id (or the whole key)")
-    p.add_argument("--tenant", help="the tenant the key serves (create), or a filter")
+    p.add_argument(
+        "--tenant",
+        help="create: the tenant the key serves; list/revoke: only its keys (default: none)",
+    )
     p.add_argument("--admin", action="store_true", help="create: a key for every tenant")
     p.add_argument("--name", default="", help="create: a label (who holds it)")
     p.add_argument("--rate-per-minute", type=int, default=600, help="create: requests a minute")

@@ -133,7 +133,14 @@ def demo(tmp_path_factory, demo_clip, base_pipeline_dir):
     }
     env.pop("DAGSTER_HOME", None)
     env.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri exports it in-process
-    for name in ("MM_SERVE_URL", "MM_TENANT", "MM_LANDING", "MM_S3_BUCKET", "MM_PG_DSN"):
+    for name in (
+        "MM_SERVE_URL",
+        "MM_API_KEY",
+        "MM_TENANT",
+        "MM_LANDING",
+        "MM_S3_BUCKET",
+        "MM_PG_DSN",
+    ):
         env.pop(name, None)  # a developer's own deployment must not leak in
     proc = run_mm("demo", env=env, timeout=1500)
     yield proc, env

@@ -441,9 +441,6 @@ def train_adapter(
             validation_metric=metric,
             on_checkpoint=on_checkpoint,
         )
-        if result.resumed_from_step:  # one whole loss curve in this run: the restored steps too
-            for step, loss in enumerate(result.losses[: result.resumed_from_step], start=1):
-                tracked.step("loss", loss, step)
         adapter_version = weights_version(result.adapter_dir, "lora")
         review.log_restored_history(tracked, result, val_key)
         tracked.metrics({"final_loss": result.losses[-1], "train_seconds": result.seconds})

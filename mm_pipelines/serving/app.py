@@ -232,8 +232,10 @@ def request_tenant(request: Request, given: Any) -> str:
     bound = auth.request_tenant(request, {} if given is None else {"tenant": given})
     if bound is not None:
         return bound
-    if not isinstance(given, str) or not given.strip():
+    if given is None:
         raise ApiError(400, "missing_field", "'tenant' is required")
+    if not isinstance(given, str) or not given.strip():
+        raise ApiError(400, "bad_field", "'tenant' must be a non-empty string")
     return given
 
 

@@ -92,14 +92,15 @@ def _found(url: str, tenant: str) -> set[str]:
 
 
 def test_a_flagged_item_leaves_the_served_search_of_its_tenant_only(url, catalog):
-    assert {"red", "red-caption"} <= _found(url, "acme")
+    # the caption row folds into its image's hit: "red" stays while either row is served
+    assert "red" in _found(url, "acme")
     with connect(catalog) as conn:
         flag = curation.FlagRow(
             "acme", "red", "unsafe", 0.97, 0.5, "unsafe 0.970 >= 0.5", "head-unsafe@test", {}, "b1"
         )
         curation.replace_flags(conn, "b1", [("acme", "red")], [flag])
     assert _found(url, "acme") == {"green"}  # the image and its caption row, both gone
-    assert {"red", "red-caption"} <= _found(url, "globex")  # same content, other tenant
+    assert "red" in _found(url, "globex")  # same content, other tenant
 
 
 def test_a_near_duplicate_that_is_not_kept_leaves_the_served_search(url, catalog):
