@@ -34,7 +34,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from mm_pipelines.cli import DEMO_QUERIES as QUERIES
+from mm_pipelines.cli_commands.demo import DEMO_QUERIES as QUERIES
 from mm_pipelines.pipeline import model_store as ms
 from mm_pipelines.pipeline import registry
 from mm_pipelines_tests.conftest import new_database
