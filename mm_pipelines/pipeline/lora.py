@@ -350,19 +350,23 @@ def checkpoint_name(subject: str, ts_version: str, base_version: str, cfg: Any, 
     return f"{subject}/{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def train_adapter(
-    svc: Services,
-    subject_name: str,
-    run: RunSpec,
-    steps: int | None = None,
-    resume: bool = True,
-    log: Log = _quiet,
-) -> AdapterResult:
-    """Train (or resume) the subject's LoRA adapter: tracked, checkpointed through the
-    model store, published as the subject's current adapter and registered."""
-    from mm_pipelines.models.diffusion.evaluation import clip_features, validation_metric
-    from mm_pipelines.models.diffusion.lora import train_lora
+@dataclass
+class _AdapterPlan:
+    """What one adapter training is made of: the subject, its training set, the base model,
+    the settings and the training key they give."""
 
+    subject: subjects.Subject
+    ts: Any
+    base_dir: Path
+    base_version: str
+    base_store_version: str | None
+    cfg: Any
+    key: str
+
+
+def _plan_adapter(
+    svc: Services, subject_name: str, steps: int | None, resume: bool
+) -> _AdapterPlan:
     subject = subjects.get_subject(subject_name)
     ts = load_training_set(svc, subject.name)
     base_dir, base_version, base_store_version = base_model_version(svc)
@@ -375,7 +379,26 @@ def train_adapter(
     if steps:
         cfg = dataclasses.replace(cfg, steps=steps)
     key = training_key(subject, ts.version, base_version, cfg)
-    if (reused := _reuse_registered(svc, subject.name, key)) is not None:
+    return _AdapterPlan(subject, ts, base_dir, base_version, base_store_version, cfg, key)
+
+
+def train_adapter(
+    svc: Services,
+    subject_name: str,
+    run: RunSpec,
+    steps: int | None = None,
+    resume: bool = True,
+    log: Log = _quiet,
+) -> AdapterResult:
+    """Train (or resume) the subject's LoRA adapter: tracked, checkpointed through the
+    model store, published as the subject's current adapter and registered. The same
+    training key as a registered version reuses that version instead."""
+    from mm_pipelines.models.diffusion.evaluation import clip_features, validation_metric
+    from mm_pipelines.models.diffusion.lora import train_lora
+
+    plan = _plan_adapter(svc, subject_name, steps, resume)
+    subject, ts = plan.subject, plan.ts
+    if (reused := _reuse_registered(svc, subject.name, plan.key)) is not None:
         log(
             f"{reused.record.registered_model} v{reused.record.registered_version} was trained "
             "from the same training set, base model and settings: reused, not retrained"
@@ -386,129 +409,36 @@ def train_adapter(
         features = clip_features(svc.load_clip())
     metric = validation_metric(subject.validation_metric, ts.images, features)
     ckpt_name = checkpoint_name(
-        subject.name, ts.version, base_version, cfg, subject.validation_metric
+        subject.name, ts.version, plan.base_version, plan.cfg, subject.validation_metric
     )
-    pipe = svc.load_base_pipeline(base_dir)
+    pipe = svc.load_base_pipeline(plan.base_dir)
     store = svc.need_models()
-    last_grid: dict[str, bytes] = {}
     spec = run.with_tags(subject=subject.name)
-    tracker = svc.need_tracker()
-    val_key = f"val_{subject.validation_metric}"
-    with store.staging("lora") as work, tracker.run(spec, system_metrics=True) as tracked:
+    with (
+        store.staging("lora") as work,
+        svc.need_tracker().run(spec, system_metrics=True) as tracked,
+    ):
         if resume:
             _restore_checkpoint(store, ckpt_name, work)
         images, captions = _augmented_captions(ts, subject)
-        tracked.params(
-            {
-                **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "validation_prompts"},
-                "subject": subject.name,
-                "instance_prompt": subject.instance_prompt,
-                "training_set_version": ts.version,
-                "training_images": len(ts.images),
-                "base_model_version": base_version,
-                "validation_metric": subject.validation_metric,
-                **_caption_params(subject, ts, len(captions)),
-            }
-        )
-        review.log_dataset(tracked, store, ms.TRAINING_SET, subject.name, ts, "training")
-
-        eta = Eta(f"LoRA {subject.name}, step", cfg.steps, log)
-
-        def on_step(step: int, loss: float) -> None:
-            tracked.step("loss", loss, step)
-            eta(step, f"loss {loss:.4f}")
-
-        def on_validation(step: int, images: list, value: float | None) -> None:
-            # one frame of the run's "validation" image series (MLflow's step slider)
-            tracked.image(review.labelled_grid_of(images), key="validation", step=step)
-            if value is not None:
-                tracked.metrics({val_key: value}, step=step)
-            last_grid["png"] = encode_image(image_grid([g.image for g in images]), "png")
-
-        def on_checkpoint(step: int, path: Path) -> None:
-            tracked.flush()  # MLflow holds every loss up to a checkpoint once it is stored
-            _store_checkpoint(store, ckpt_name, work, path, step)
-
+        _log_settings(tracked, store, plan, len(captions))
+        callbacks = _Callbacks(tracked, store, ckpt_name, work, plan, log)
         result = train_lora(
             pipe,
             images,
             captions,
             work,
-            cfg,
+            plan.cfg,
             class_prompt=subject.class_prompt,
-            on_step=on_step,
-            on_validation=on_validation,
+            on_step=callbacks.on_step,
+            on_validation=callbacks.on_validation,
             validation_metric=metric,
-            on_checkpoint=on_checkpoint,
+            on_checkpoint=callbacks.on_checkpoint,
         )
-        adapter_version = weights_version(result.adapter_dir, "lora")
-        review.log_restored_history(tracked, result, val_key)
-        tracked.metrics({"final_loss": result.losses[-1], "train_seconds": result.seconds})
-        tracked.params(  # how the run went: facts, not curves
-            {
-                "steps_done": result.steps_done,
-                "resumed_from_step": result.resumed_from_step,
-                "best_step": result.best_step,
-                "stopped_early": result.stopped_early,
-                "adapter_version": adapter_version,
-            }
-        )
-        name = registry.lora_model_name(subject.name)
-        record = AdapterRecord(
-            subject=subject.name,
-            adapter_version=adapter_version,
-            base_model_version=base_version,
-            base_store_version=base_store_version,
-            training_set_version=ts.version,
-            registered_model=name,
-            mlflow_run_id=tracked.run_id,
-            steps_done=result.steps_done,
-            best_step=result.best_step,
-            params={"resumed_from_step": result.resumed_from_step},
-        )
-        # the registered version is known only after registering; the record in the store
-        # is written once with it (artifacts are immutable)
-        tracked.artifacts(result.adapter_dir, "adapter")
-        # the very same weights registered before: that version, not a second one
-        same = registry.find_version(
-            tracked.tracker.client(), name, "adapter_version", adapter_version
-        )
-        model_id = None
-        if same:
-            record.registered_version = str(same.version)
-        else:
-            model_id = review.log_adapter_model(
-                tracked, subject, result.adapter_dir, base_dir, base_version, base_store_version
-            )
-            record.registered_version = tracked.register(
-                "adapter",
-                name,
-                tags={
-                    "subject": subject.name,
-                    "adapter_version": adapter_version,
-                    "base_model_version": base_version,
-                    "training_set_version": ts.version,
-                    registry.TRAINING_KEY_TAG: key,
-                    "mm.logged_model_id": model_id,
-                },
-                model_id=model_id,
-            )
-        if model_id is None:  # reused: the model logged with that version
-            model_id = same.tags.get("mm.logged_model_id", "")
-        record.params["logged_model_id"] = model_id
-        metadata = {k: v for k, v in dataclasses.asdict(record).items() if k not in _LOCAL_FIELDS}
-        stored = store.put(
-            ms.ADAPTER,
-            subject.name,
-            result.adapter_dir,
-            version=f"{adapter_version}-v{record.registered_version}",
-            metadata=metadata,
-            make_current=True,
-        )
-        tracked.link_version(name, record.registered_version, stored)
-    record = adapter_record(svc, subject.name)
+        _log_outcome(tracked, result, callbacks.val_key)
+        _register_and_store(tracked, store, plan, result)
     return AdapterResult(
-        record,
+        adapter_record(svc, subject.name),
         result.resumed_from_step,
         result.losses[0],
         result.losses[-1],
@@ -516,8 +446,134 @@ def train_adapter(
         result.best_metric,
         round(result.seconds, 1),
         tracked.url,
-        last_grid.get("png"),
+        callbacks.last_grid,
     )
+
+
+def _log_settings(tracked: Any, store: ms.ModelStore, plan: _AdapterPlan, samples: int) -> None:
+    subject, ts = plan.subject, plan.ts
+    tracked.params(
+        {
+            **{k: v for k, v in dataclasses.asdict(plan.cfg).items() if k != "validation_prompts"},
+            "subject": subject.name,
+            "instance_prompt": subject.instance_prompt,
+            "training_set_version": ts.version,
+            "training_images": len(ts.images),
+            "base_model_version": plan.base_version,
+            "validation_metric": subject.validation_metric,
+            **_caption_params(subject, ts, samples),
+        }
+    )
+    review.log_dataset(tracked, store, ms.TRAINING_SET, subject.name, ts, "training")
+
+
+class _Callbacks:
+    """What the trainer reports back: losses and progress, validation image series,
+    checkpoints flushed to MLflow and stored (a resume elsewhere starts from them)."""
+
+    def __init__(
+        self,
+        tracked: Any,
+        store: ms.ModelStore,
+        ckpt_name: str,
+        work: Path,
+        plan: _AdapterPlan,
+        log: Log,
+    ) -> None:
+        self.tracked, self.store, self.ckpt_name, self.work = tracked, store, ckpt_name, work
+        self.val_key = f"val_{plan.subject.validation_metric}"
+        self.eta = Eta(f"LoRA {plan.subject.name}, step", plan.cfg.steps, log)
+        self.last_grid: bytes | None = None
+
+    def on_step(self, step: int, loss: float) -> None:
+        self.tracked.step("loss", loss, step)
+        self.eta(step, f"loss {loss:.4f}")
+
+    def on_validation(self, step: int, images: list, value: float | None) -> None:
+        # one frame of the run's "validation" image series (MLflow's step slider)
+        self.tracked.image(review.labelled_grid_of(images), key="validation", step=step)
+        if value is not None:
+            self.tracked.metrics({self.val_key: value}, step=step)
+        self.last_grid = encode_image(image_grid([g.image for g in images]), "png")
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.tracked.flush()  # MLflow holds every loss up to a checkpoint once it is stored
+        _store_checkpoint(self.store, self.ckpt_name, self.work, path, step)
+
+
+def _log_outcome(tracked: Any, result: Any, val_key: str) -> None:
+    review.log_restored_history(tracked, result, val_key)
+    tracked.metrics({"final_loss": result.losses[-1], "train_seconds": result.seconds})
+    tracked.params(  # how the run went: facts, not curves
+        {
+            "steps_done": result.steps_done,
+            "resumed_from_step": result.resumed_from_step,
+            "best_step": result.best_step,
+            "stopped_early": result.stopped_early,
+            "adapter_version": weights_version(result.adapter_dir, "lora"),
+        }
+    )
+
+
+def _register_and_store(
+    tracked: Any, store: ms.ModelStore, plan: _AdapterPlan, result: Any
+) -> None:
+    """Register the adapter (the very same weights registered before: that version, not a
+    second one) and store it as the subject's current adapter, the record naming the
+    registered version (known only after registering; artifacts are immutable)."""
+    subject = plan.subject
+    adapter_version = weights_version(result.adapter_dir, "lora")
+    name = registry.lora_model_name(subject.name)
+    record = AdapterRecord(
+        subject=subject.name,
+        adapter_version=adapter_version,
+        base_model_version=plan.base_version,
+        base_store_version=plan.base_store_version,
+        training_set_version=plan.ts.version,
+        registered_model=name,
+        mlflow_run_id=tracked.run_id,
+        steps_done=result.steps_done,
+        best_step=result.best_step,
+        params={"resumed_from_step": result.resumed_from_step},
+    )
+    tracked.artifacts(result.adapter_dir, "adapter")
+    same = registry.find_version(tracked.tracker.client(), name, "adapter_version", adapter_version)
+    if same:
+        record.registered_version = str(same.version)
+        model_id = same.tags.get("mm.logged_model_id", "")  # the model logged with it
+    else:
+        model_id = review.log_adapter_model(
+            tracked,
+            subject,
+            result.adapter_dir,
+            plan.base_dir,
+            plan.base_version,
+            plan.base_store_version,
+        )
+        record.registered_version = tracked.register(
+            "adapter",
+            name,
+            tags={
+                "subject": subject.name,
+                "adapter_version": adapter_version,
+                "base_model_version": plan.base_version,
+                "training_set_version": plan.ts.version,
+                registry.TRAINING_KEY_TAG: plan.key,
+                "mm.logged_model_id": model_id,
+            },
+            model_id=model_id,
+        )
+    record.params["logged_model_id"] = model_id
+    metadata = {k: v for k, v in dataclasses.asdict(record).items() if k not in _LOCAL_FIELDS}
+    stored = store.put(
+        ms.ADAPTER,
+        subject.name,
+        result.adapter_dir,
+        version=f"{adapter_version}-v{record.registered_version}",
+        metadata=metadata,
+        make_current=True,
+    )
+    tracked.link_version(name, record.registered_version, stored)
 
 
 _LOCAL_FIELDS = ("adapter_dir", "base_model_dir")

@@ -4,7 +4,7 @@ import time
 
 import dagster as dg
 
-from mm_pipelines.defs.common import no_retry_on_bad_input
+from mm_pipelines.defs.common import RETRY, no_retry_on_bad_input
 from mm_pipelines.defs.metadata import markdown_gallery
 from mm_pipelines.defs.partitions import batch_partitions, check_partition_key
 from mm_pipelines.defs.resources import (
@@ -45,7 +45,7 @@ class RawMediaConfig(dg.Config):
     partitions_def=batch_partitions,
     group_name="ingest",
     kinds={"python", "postgres"},
-    retry_policy=dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL),
+    retry_policy=RETRY,
     description="Validated, content-addressed media of one landing batch, one catalog row "
     "per source file (ok, or quarantined with an error category).",
 )
