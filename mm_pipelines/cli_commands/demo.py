@@ -264,14 +264,7 @@ def _sample_searches(svc: Any) -> dict[str, list[dict[str, Any]]]:
     from mm_pipelines.pipeline.search import QueryModels, search
     from mm_pipelines.storage.postgres import connect
 
-    architecture, checkpoint = svc.clip_source()
-    models = QueryModels.load(
-        architecture,
-        checkpoint,
-        svc.projector_dir(),
-        svc.choice.whisper_model,
-        device=svc.compute.torch_device(),
-    )
+    models = QueryModels.from_services(svc)
     with connect(svc.need_dsn()) as conn:
         return {q: search(conn, models, q, k=3).hits for q in DEMO_QUERIES}
 

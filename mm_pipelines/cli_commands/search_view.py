@@ -109,14 +109,7 @@ def local_search(args: argparse.Namespace, query: str | Path) -> dict[str, Any]:
     from mm_pipelines.storage.postgres import connect
 
     svc = Services.from_settings()
-    architecture, checkpoint = svc.clip_source()
-    models = QueryModels.load(
-        architecture,
-        checkpoint,
-        svc.projector_dir(),
-        svc.choice.whisper_model,
-        device=svc.compute.torch_device(),
-    )
+    models = QueryModels.from_services(svc)
     with connect(svc.need_dsn()) as conn:
         results = search(
             conn, models, query, args.k, args.tenant, args.batch, args.modality, args.min_score

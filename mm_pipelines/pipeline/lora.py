@@ -216,10 +216,7 @@ def _rank_by_query(svc: Services, conn: Any, rows: list, query: str, limit: int)
     """Keep the `limit` rows whose images (or captions) score highest for `query`."""
     from mm_pipelines.pipeline.search import QueryModels, search
 
-    architecture, checkpoint = svc.clip_source()
-    qm = QueryModels.load(
-        architecture, checkpoint, svc.projector_dir(), device=svc.compute.torch_device()
-    )
+    qm = QueryModels.from_services(svc, audio=False)
     allowed = {r.content_hash: r for r in rows}
     results = search(conn, qm, query, k=max(limit * 4, 50), modalities=["image"])
     ranked = [allowed[h["content_hash"]] for h in results.images if h["content_hash"] in allowed]

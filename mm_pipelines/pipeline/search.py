@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import filetype
 import numpy as np
@@ -47,6 +48,15 @@ class QueryModels:
             load_projector(projector_dir, device=device),
             whisper_model,
         )
+
+    @classmethod
+    def from_services(cls, svc: Any, audio: bool = True) -> QueryModels:
+        """The configured CLIP, projector and (unless `audio` is off) Whisper, on the compute
+        device: what `mm search`, the demo and training-set selection query with."""
+        architecture, checkpoint = svc.clip_source()
+        whisper = svc.choice.whisper_model if audio else None
+        device = svc.compute.torch_device()
+        return cls.load(architecture, checkpoint, svc.projector_dir(), whisper, device=device)
 
     def audio(self) -> audio_embed.WhisperEncoder:
         if self._audio is None:
