@@ -152,26 +152,40 @@ def test_projector_projects_and_trains_on_its_device() -> None:
     assert loss.device == META and loss.shape == ()
 
 
-def test_lora_training_step_runs_on_the_pipelines_device() -> None:
-    """Latent/prompt caching, adapter setup, the loss (CPU-generated noise moved to the
-    device), backward and the optimizer step: `train_lora`'s step without the loss read."""
-    from diffusers import DDPMScheduler
+# the DDPM families' extras (noise offset, Min-SNR) are on where they exist
+_FAMILY_SETTINGS = {
+    "sd": {"noise_offset": 0.1, "snr_gamma": 5.0},
+    "sdxl": {"noise_offset": 0.1, "snr_gamma": 5.0},
+    "sd3": {},
+    "flux": {},
+}
 
-    from mm_pipelines.models.demo.tiny_diffusion import TinyDiffusionConfig, build_tiny_pipeline
+
+@pytest.mark.parametrize("family", sorted(_FAMILY_SETTINGS))
+def test_lora_training_step_runs_on_the_pipelines_device(family: str) -> None:
+    """Latent/prompt preparation (instance and prior-preservation images), adapter setup,
+    the family's loss (CPU-generated noise and timesteps moved to the device), backward
+    and the optimizer step: `train_lora`'s step without the loss read, for every family."""
+    from mm_pipelines.models.demo.tiny_families import build_tiny_family_pipeline
     from mm_pipelines.models.diffusion import lora
+    from mm_pipelines.models.diffusion.families import family_of
+    from mm_pipelines.models.diffusion.memory import make_lora_optimizer
 
-    pipe = build_tiny_pipeline(TinyDiffusionConfig(resolution=32))
+    pipe = build_tiny_family_pipeline(family)
     pipe.to(META)
-    cfg = lora.LoraTrainConfig(rank=2, steps=1, noise_offset=0.1, snr_gamma=5.0)
+    fam = family_of(pipe)
+    cfg = lora.LoraTrainConfig(rank=2, steps=1, batch_size=2, **_FAMILY_SETTINGS[family])
     images = [_photo(i, (40, 32)) for i in range(2)]
-    data = lora._prepare_data(pipe, images, ["a sks", "a sks"], images[:1], "a", cfg, META)
-    assert data.mean.device == META and data.emb.device == META
+    instance = lora._prepare_part(pipe, fam, images, ["a sks", "a sks"], cfg, META)
+    prior = lora._prepare_part(pipe, fam, images[:1], ["a"], cfg, META)
+    cached = [t for t in (instance.mean, instance.pixels, *instance.cond.values()) if t is not None]
+    assert cached and all(t.device == META for t in cached)
     params = lora.add_lora_adapters(pipe, cfg)
     assert params and all(p.device == META and p.dtype == torch.float32 for p in params)
-    optimizer = lora.make_optimizer(params, 1e-4)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    optimizer = make_lora_optimizer(params, cfg)
+    run = lora._Run(pipe, fam, cfg, META, torch.float32, instance, prior, [])
     gen = torch.Generator().manual_seed(0)
-    loss = lora._micro_step_loss(pipe, data, cfg, scheduler, gen, torch.float32)
+    loss = lora._micro_step_loss(run, fam.training_scheduler(pipe), gen)
     assert loss.device == META and loss.shape == ()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
