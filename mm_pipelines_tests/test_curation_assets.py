@@ -187,8 +187,7 @@ def test_flagged_items_never_come_back_from_mm_search(env, monkeypatch, capsys):
         capsys.readouterr()
         assert cli.main(["search", f"a {query} background", "-k", "20", "--json"]) == 0
         found = json.loads(capsys.readouterr().out)
-        hits = {h["content_hash"] for h in found["images"]}
-        hits |= {h["source_hash"] for h in found["passages"]}
+        hits = {h["media_hash"] for h in found["hits"]}  # the catalog item each hit shows
         assert hits and not hits & flagged
 
 

@@ -612,7 +612,10 @@ def test_the_quality_notebook_runs_on_a_subject_whose_latest_training_run_resume
     )
     env.declare(subjects.DEMO_SUBJECT, quick)
     assert env.run(env.instance, "resumed", ["lora_training_set", "lora_adapter"]).success
-    # a retry after the last checkpoint: the run resumes at step 20 with no step left to train
+    # a retry after the last checkpoint of an attempt that died before registering (its
+    # version removed: otherwise the same inputs reuse it): it resumes at step 20 with no
+    # step left to train
+    env.mlflow().delete_model_version("mm-lora-resumed", "1")
     again = env.run(env.instance, "resumed", ["lora_adapter"])
     assert again.success and meta(again, "lora_adapter")["resumed_from_step"] == 20
     client = env.mlflow()

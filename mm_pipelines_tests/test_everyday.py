@@ -40,6 +40,9 @@ def in_demo(env: dict[str, str]) -> Iterator[dg.DagsterInstance]:
         for key in keys:
             mp.setenv(key, env[key])
         mp.setenv("DAGSTER_HOME", str(Path(env["MM_HOME"]) / "dagster"))
+        # the demo tracks to its MM_HOME's store; an in-process run of another test module
+        # fixture may have exported its own (mlflow.set_tracking_uri sets the variable)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         with dg.DagsterInstance.get() as instance:
             yield instance
 

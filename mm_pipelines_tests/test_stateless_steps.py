@@ -266,14 +266,11 @@ def test_mm_serve_with_only_the_shared_services_answers_as_one_process_does(
     reference = _search_in_one_process(shared, tmp_path / "reference", asks)
     for ask, got, want in zip(asks, served, reference, strict=True):
         hits = got["hits"]
-        assert [h["content_hash"] for h in hits] == [h["content_hash"] for h in want], ask
+        assert [h["media_hash"] for h in hits] == [h["media_hash"] for h in want], ask
         for g, w in zip(hits, want, strict=True):
             assert abs(g["score"] - w["score"]) < 1e-3, (ask, g, w)
-    top_image = next(h for h in served[-1]["hits"] if h["item_kind"] == "image")
-    assert (
-        "red_circle_on_blue" in top_image["source_uri"]
-        or "copy_of_first_photo" in (top_image["source_uri"])
-    ), top_image
+    top_image = next(h for h in served[-1]["hits"] if h["kind"] == "image")
+    assert top_image["name"] == "red_circle_on_blue.png", top_image
 
 
 def test_a_corrupted_artifact_fails_the_step_that_reads_it_and_nothing_is_written(
@@ -329,7 +326,13 @@ def _mlflow(shared: Shared) -> Any:
 
 
 def _served_search(shared: Shared, disk: Path, asks: list[dict[str, Any]]) -> list[Any]:
-    """`mm serve` on a new empty disk, configured by the shared environment only."""
+    """`mm serve` on a new empty disk, configured by the shared environment only, asked
+    with an admin API key from the shared catalog."""
+    from mm_pipelines.storage import api_keys
+    from mm_pipelines.storage.postgres import connect
+
+    with connect(shared.catalog_dsn) as conn:
+        _, key = api_keys.create_key(conn, None, admin=True, name="stateless proof")
     for sub in ("mm", "home", "tmp"):
         (disk / sub).mkdir(parents=True)
     env = {
@@ -347,12 +350,11 @@ def _served_search(shared: Shared, disk: Path, asks: list[dict[str, Any]]) -> li
         first = server.stdout.readline() if server.stdout else ""
         assert "listening on " in first, first
         url = first.split("listening on ", 1)[1].split()[0]
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
         answers = []
         for ask in asks:
             request = urllib.request.Request(
-                f"{url}/v1/search",
-                data=json.dumps(ask).encode(),
-                headers={"Content-Type": "application/json"},
+                f"{url}/v1/search", data=json.dumps(ask).encode(), headers=headers
             )
             with urllib.request.urlopen(request, timeout=300) as response:
                 answers.append(json.loads(response.read()))
@@ -362,10 +364,9 @@ def _served_search(shared: Shared, disk: Path, asks: list[dict[str, Any]]) -> li
 
 
 def _search_in_one_process(shared: Shared, cache: Path, asks: list[dict[str, Any]]) -> list[Any]:
-    """The same searches as one process makes them: the training-side CLIP and projector
-    from the model store, the catalog's index."""
-    from mm_pipelines.pipeline.search import QueryModels, embed_query
-    from mm_pipelines.storage import vectors
+    """The same searches as one process makes them (`mm search`'s ranked list): the
+    training-side CLIP and projector from the model store, the catalog's index."""
+    from mm_pipelines.pipeline.search import QueryModels, search
     from mm_pipelines.storage.postgres import connect
 
     store = model_store(shared, cache)
@@ -374,14 +375,10 @@ def _search_in_one_process(shared: Shared, cache: Path, asks: list[dict[str, Any
     models = QueryModels.load(
         "mm-tiny-clip", str(clip.path / clip.metadata["weights"]), projector.path
     )
-    answers = []
     with connect(shared.catalog_dsn) as conn:
-        for ask in asks:
-            filters = vectors.Filters(
-                tenant=ask["tenant"],
-                modalities=ask.get("modalities"),
-                projector_version=models.projector.version,
-            )
-            vector = embed_query(models, ask["query"])
-            answers.append(vectors.search(conn, vector, ask["k"], filters))
-    return answers
+        return [
+            search(
+                conn, models, a["query"], a["k"], a["tenant"], modalities=a.get("modalities")
+            ).hits
+            for a in asks
+        ]

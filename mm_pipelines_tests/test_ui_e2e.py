@@ -415,7 +415,9 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ASSET_NODES = "{ assetNodes { assetKey { path } groupName } }"
 
 
-def _dom_naming(keys: list[str], profile: Path, url: str, attempts: int = 3) -> str:
+def _dom_naming(
+    keys: list[str], profile: Path, url: str, attempts: int = 3, height: int = 1000
+) -> str:
     """The DOM Chromium builds for `url`, retried with a longer virtual-time budget while
     it does not yet name every key: the client-rendered page can outlast one budget on a
     busy 2-core machine (seen once in CI: an empty assets list)."""
@@ -426,13 +428,16 @@ def _dom_naming(keys: list[str], profile: Path, url: str, attempts: int = 3) -> 
             ["--dump-dom", f"--virtual-time-budget={budget}"],
             profile.with_name(f"{profile.name}-{attempt}"),
             url,
+            height,
         ).stdout
         if all(key in dom for key in keys):
             break
     return dom
 
 
-def _chromium(args: list[str], profile: Path, url: str) -> subprocess.CompletedProcess:
+def _chromium(
+    args: list[str], profile: Path, url: str, height: int = 1000
+) -> subprocess.CompletedProcess:
     cmd = [
         CHROMIUM,
         "--headless",
@@ -444,7 +449,7 @@ def _chromium(args: list[str], profile: Path, url: str) -> subprocess.CompletedP
         "--disable-component-update",
         "--disable-sync",
         f"--user-data-dir={profile}",
-        "--window-size=1600,1000",
+        f"--window-size=1600,{height}",
         *args,
         url,
     ]
@@ -489,7 +494,8 @@ def test_asset_graph_in_headless_chromium(dagster_dev: DagsterDev, tmp_path: Pat
 
     # The UI renders on the client: the DOM Chromium built (after running the app's JS and its
     # GraphQL calls) must name our assets, and the page's own GraphQL must list them.
-    dom = _dom_naming(OUR_ASSETS, tmp_path / "profile2", f"{dagster_dev.url}/assets")
+    # a window tall enough for every row: the list renders only the rows in view
+    dom = _dom_naming(OUR_ASSETS, tmp_path / "profile2", f"{dagster_dev.url}/assets", height=3000)
     assert "<div" in dom, dom[:500]
     shown = [key for key in OUR_ASSETS if key in dom]
     assert shown == OUR_ASSETS, f"missing in the assets page: {set(OUR_ASSETS) - set(shown)}"

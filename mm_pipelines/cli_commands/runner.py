@@ -155,7 +155,7 @@ def run_job(
     from dagster._core.utils import make_new_run_id
 
     settings.prepare_dagster_home()
-    from mm_pipelines.defs import defs
+    from mm_pipelines.defs import make_definitions
     from mm_pipelines.defs.common import was_interrupted
     from mm_pipelines.defs.partitions import check_partition_key
     from mm_pipelines.defs.recovery import HOST_TAG, recover_dead_runs
@@ -164,7 +164,7 @@ def run_job(
     recover_dead_runs(
         instance, _tracker_or_none(), log=lambda line: print(f"mm: {line}", flush=True)
     )
-    job_def = defs.resolve_job_def(job)
+    job_def = make_definitions().resolve_job_def(job)  # resources from the settings now
     pdef = job_def.partitions_def
     if (
         partition

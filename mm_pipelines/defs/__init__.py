@@ -47,21 +47,28 @@ GROUPS = [
 ]
 CHECKS = [ingest_checks, embed_checks, curate_checks, generative_checks]
 
-defs = dg.Definitions(
-    assets=dg.load_assets_from_modules(GROUPS),
-    asset_checks=dg.load_asset_checks_from_modules(CHECKS),
-    jobs=[
-        batch_pipeline,
-        train_clip_job,
-        train_projector_job,
-        train_content_heads_job,
-        train_diffusion_base_job,
-        subject_pipeline,
-        export_online_model_job,
-        reevaluate_quality_job,
-    ],
-    sensors=[landing_sensor, subjects_sensor, serving_sensor, dead_run_sensor],
-    schedules=[nightly_quality_review],
-    resources=build_resources(),
-    executor=executor_from_env(),  # k8s_job_executor (one pod per step) when MM_EXECUTOR=k8s
-)
+
+def make_definitions() -> dg.Definitions:
+    """The Definitions with resources and executor read from the settings now: what a
+    process that changed its environment since the import (`mm`, tests) runs jobs with."""
+    return dg.Definitions(
+        assets=dg.load_assets_from_modules(GROUPS),
+        asset_checks=dg.load_asset_checks_from_modules(CHECKS),
+        jobs=[
+            batch_pipeline,
+            train_clip_job,
+            train_projector_job,
+            train_content_heads_job,
+            train_diffusion_base_job,
+            subject_pipeline,
+            export_online_model_job,
+            reevaluate_quality_job,
+        ],
+        sensors=[landing_sensor, subjects_sensor, serving_sensor, dead_run_sensor],
+        schedules=[nightly_quality_review],
+        resources=build_resources(),
+        executor=executor_from_env(),  # k8s_job_executor (one pod per step) when MM_EXECUTOR=k8s
+    )
+
+
+defs = make_definitions()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 
 CODE_PATH = Path(__file__).with_name("adapter_model_code.py")
 # model config keys (the base model the adapter applies to)
@@ -70,9 +71,11 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
         pipe = svc.load_base_pipeline(_base_dir(context.model_config or {}))
         self.pipe = load_adapter(pipe, context.artifacts["adapter"])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
-        import pandas as pd
-
+    # a DataFrame hint: MLflow warns on `Any` (it infers signatures from hints), and the
+    # signature is given explicitly when the model is logged
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         from mm_pipelines.models.common import encode_image
         from mm_pipelines.models.diffusion.generate import generate_images
 

@@ -50,8 +50,9 @@ def _check_reachable(uri: str) -> None:
         socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as err:
         raise TrackingUnavailable(
-            f"the MLflow tracking server {uri} is unreachable ({err or type(err).__name__}); "
-            "check MLFLOW_TRACKING_URI and that the server runs"
+            f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable "
+            f"({err or type(err).__name__}; {settings.mlflow_http_settings()}): check the "
+            "address and that the server runs"
         ) from err
 
 
@@ -88,11 +89,13 @@ class Tracker:
         try:
             existing = mlflow.get_experiment_by_name(self.experiment)
         except mlflow.exceptions.MlflowException as err:
-            if "failed with exception" not in str(err):  # MLflow's words for a failed request
+            # MLflow's words for a request that failed, or for an answer that is not MLflow's
+            # (a proxy or another server on that address)
+            if not any(w in str(err) for w in ("failed with exception", "API request to")):
                 raise
             raise TrackingUnavailable(
-                f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable "
-                f"({settings.mlflow_http_settings()}): {err}"
+                f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable or "
+                f"not an MLflow server ({settings.mlflow_http_settings()}): {err}"
             ) from err
         if existing is None:
             # "mlflow-artifacts:/" + "/name" would name a host ("mlflow-artifacts://name"),
