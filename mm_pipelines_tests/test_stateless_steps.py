@@ -270,7 +270,8 @@ def test_mm_serve_with_only_the_shared_services_answers_as_one_process_does(
         for g, w in zip(hits, want, strict=True):
             assert abs(g["score"] - w["score"]) < 1e-3, (ask, g, w)
     top_image = next(h for h in served[-1]["hits"] if h["kind"] == "image")
-    assert top_image["name"] == "red_circle_on_blue.png", top_image
+    # the same bytes landed twice under two names: the first seen is either
+    assert top_image["name"] in {"red_circle_on_blue.png", "copy_of_first_photo.png"}, top_image
 
 
 def test_a_corrupted_artifact_fails_the_step_that_reads_it_and_nothing_is_written(
