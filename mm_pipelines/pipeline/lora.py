@@ -90,7 +90,7 @@ def build_base_model(
 
             def report(step: int, loss: float) -> None:
                 tracked.step(name, loss, step)
-                eta(step + 1, f"loss {loss:.4f}")
+                eta(step, f"loss {loss:.4f}")  # steps count from 1
 
             return report
 

@@ -187,8 +187,11 @@ def search_vector(
     min_score: float = 0.0,
     calibration: Calibration | None = None,
     per_kind: int | None = None,
+    include_hidden: bool = False,
 ) -> Ranked:
-    """Nearest rows of each item kind, calibrated, folded and ranked (module doc)."""
+    """Nearest rows of each item kind, calibrated, folded and ranked (module doc). What
+    curation hides (flagged items, near-duplicates not kept) is left out unless
+    `include_hidden` (evaluations of the ranking itself)."""
     calibration = calibration or fit_calibration(conn, projector_version)
     per_kind = per_kind or max(4 * k, 20)
     rows: list[dict[str, Any]] = []
@@ -198,6 +201,7 @@ def search_vector(
             batches=batches,
             modalities=modalities,
             item_kinds=[kind],
+            hide_curated=not include_hidden,
             projector_version=projector_version,
         )
         for row in vectors.search(conn, vector, per_kind, filters):

@@ -32,7 +32,8 @@ def place(
     tenant: str | None = None,
 ) -> list[Placement]:
     """For each (query, acceptable image names): where the image lands. `raw_cosine` ranks
-    by uncalibrated cosines instead (the baseline this replaces)."""
+    by uncalibrated cosines instead (the baseline this replaces). Items curation hides are
+    searched too: this measures the ranking, not the policy (tested on its own)."""
     version = models.projector.version
     calibration = ranking.fit_calibration(conn, version)
     if raw_cosine:
@@ -50,6 +51,7 @@ def place(
             tenant=tenant,
             item_kinds=PIXELS_ONLY,
             calibration=calibration,
+            include_hidden=True,
         )
         hits = sorted(result.hits, key=lambda h: -(h["cosine"] if raw_cosine else h["score"]))
         value = [h["cosine"] if raw_cosine else h["score"] for h in hits]
