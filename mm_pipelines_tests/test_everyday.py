@@ -147,7 +147,8 @@ def test_a_new_batch_gets_one_run_request_for_its_partition_only(landed):
 def test_mm_ingest_runs_the_sensors_job_with_a_line_per_stage_and_a_stats_file(landed, state):
     proc = landed["ingest"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for stage in ("raw_media", "video_frames", "transcripts", "clip_embeddings", "vector_index"):
+    stages = ("raw_media", "video_frames", "transcripts", "clip_embeddings", "vector_index")
+    for stage in (*stages, "near_duplicates", "content_scores", "captions"):  # curated too
         assert f"✓ {stage} (" in proc.stdout, stage
     stats_file = Path(state["MM_HOME"]) / "stats" / f"{HELDOUT}_stats.json"
     assert f"stats: {stats_file}" in proc.stdout

@@ -28,6 +28,7 @@ THROUGH = {
     "understand": "transcripts",
     "embeddings": "unified_embeddings",
     "index": "vector_index",
+    "curate": "captions",  # the whole batch_pipeline: what the landing sensor runs
 }
 
 
@@ -75,8 +76,7 @@ def check_models(through: str) -> None:
     svc = Services.from_settings()
     try:
         svc.clip_source()
-        if through in ("embeddings", "index"):
-            svc.projector_dir()
+        svc.projector_dir()  # every stage past understand embeds into the unified space
     except FileNotFoundError as err:
         raise IngestRefused(
             f"--through {through} needs a trained CLIP and unified projector ({err}); run "
@@ -231,9 +231,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--through",
         choices=list(THROUGH),
-        default="index",
+        default="curate",
         help="the last stage to run: ingest (catalog only), understand (+ frames, "
-        "transcripts), embeddings (+ CLIP/audio/unified vectors), index (+ the search index)",
+        "transcripts), embeddings (+ CLIP/audio/unified vectors), index (+ the search index), "
+        "curate (+ near-duplicates, scores and flags, captions: what the landing sensor runs)",
     )
     p.add_argument("--force", action="store_true", help="run even if nothing changed")
     p.add_argument(
