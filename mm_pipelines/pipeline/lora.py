@@ -432,8 +432,9 @@ def train_adapter(
             validation_metric=metric,
             on_checkpoint=callbacks.on_checkpoint,
         )
-        _log_outcome(tracked, result, callbacks.val_key)
-        _register_and_store(tracked, store, plan, result)
+        adapter_version = weights_version(result.adapter_dir, "lora")  # hashes the files once
+        _log_outcome(tracked, result, callbacks.val_key, adapter_version)
+        _register_and_store(tracked, store, plan, result, adapter_version)
     return AdapterResult(
         adapter_record(svc, subject.name),
         result.resumed_from_step,
@@ -498,7 +499,7 @@ class _Callbacks:
         _store_checkpoint(self.store, self.ckpt_name, self.work, path, step)
 
 
-def _log_outcome(tracked: Any, result: Any, val_key: str) -> None:
+def _log_outcome(tracked: Any, result: Any, val_key: str, adapter_version: str) -> None:
     review.log_restored_history(tracked, result, val_key)
     tracked.metrics({"final_loss": result.losses[-1], "train_seconds": result.seconds})
     tracked.params(  # how the run went: facts, not curves
@@ -507,19 +508,18 @@ def _log_outcome(tracked: Any, result: Any, val_key: str) -> None:
             "resumed_from_step": result.resumed_from_step,
             "best_step": result.best_step,
             "stopped_early": result.stopped_early,
-            "adapter_version": weights_version(result.adapter_dir, "lora"),
+            "adapter_version": adapter_version,
         }
     )
 
 
 def _register_and_store(
-    tracked: Any, store: ms.ModelStore, plan: _AdapterPlan, result: Any
+    tracked: Any, store: ms.ModelStore, plan: _AdapterPlan, result: Any, adapter_version: str
 ) -> None:
     """Register the adapter (the very same weights registered before: that version, not a
     second one) and store it as the subject's current adapter, the record naming the
     registered version (known only after registering; artifacts are immutable)."""
     subject = plan.subject
-    adapter_version = weights_version(result.adapter_dir, "lora")
     name = registry.lora_model_name(subject.name)
     record = AdapterRecord(
         subject=subject.name,
