@@ -301,6 +301,20 @@ def part_clip_encode_vitb32(c: Check) -> dict[str, Any]:
         raw_runs.append(raw())
     raw_ips = len(paths) / statistics.median(raw_runs)
     e2e_ips = len(res.indices) / statistics.median(e2e_runs)
+    # the same, JPEG files only (what nvJPEG takes; PNGs are decoded by the CPU workers),
+    # and 4x as many files (worker start-up, ~0.5 s for 14 workers on an H100 box, spread)
+    variants = {}
+    for name, items in (
+        ("jpeg_files_only", [p for p in paths if not p.endswith(".png")]),
+        ("four_times_the_files", paths * 4),
+    ):
+        secs = min(encode_images(bundle, items, batch, workers).stats["seconds"] for _ in range(2))
+        variants[name] = {
+            "images": len(items),
+            "end_to_end_images_per_s": round(len(items) / secs, 1),
+            "ratio": round(len(items) / secs / raw_ips, 3),
+        }
+    stages = _input_stages(c, bundle, files, paths, batch, workers)
     return {
         "images": len(paths),
         "distinct_files": len(files),
@@ -318,7 +332,54 @@ def part_clip_encode_vitb32(c: Check) -> dict[str, Any]:
         "jpegs_decoded_on_device": int(res.stats.get("device_decoded", 0)),
         "cpu_fallbacks": int(res.stats.get("cpu_fallback", 0)),
         "errors": len(res.errors),
+        "same_model_other_inputs": variants,
+        "input_stages_images_per_s": stages,
     }
+
+
+def _input_stages(c: Check, bundle, files, paths, batch: int, workers: int) -> dict[str, float]:
+    """Each stage of the device input path alone, in images/s: where the time goes when
+    the end-to-end run falls short."""
+    from mm_pipelines.models.clip.device_input import (
+        DevicePreprocess,
+        decode_jpegs,
+        iter_raw_batches,
+        pil_pixels,
+        prepare_batch,
+    )
+
+    out: dict[str, float] = {}
+
+    def read_rate(items: list, pin: bool) -> float:
+        t0 = time.perf_counter()
+        first = None
+        for _ in iter_raw_batches(items, batch, workers, pin=pin):
+            first = first or time.perf_counter() - t0
+        out.setdefault("first_batch_s", round(first or 0.0, 3))
+        return round(len(items) / (time.perf_counter() - t0), 1)
+
+    out["read_workers"] = read_rate(paths, c.cuda)
+    out["read_workers_unpinned"] = read_rate(paths, False)
+    out["read_jpeg_files_only"] = read_rate([p for p in paths if p.endswith(".jpg")], c.cuda)
+    out["read_png_files_only"] = read_rate([p for p in paths if p.endswith(".png")], c.cuda)
+    pngs = [p for p in files if p.endswith(".png")][:64]
+    t0 = time.perf_counter()
+    for p in pngs:
+        pil_pixels(p)
+    out["png_decode_ms_one_process"] = round(1e3 * (time.perf_counter() - t0) / len(pngs), 2)
+    raw = [b for b in iter_raw_batches(files, batch, workers, pin=c.cuda)]
+    jpegs = [p for b in raw for _, kind, p, _ in b if kind == "jpeg"]
+    _, secs = timed(
+        c,
+        lambda: [decode_jpegs(jpegs[k : k + batch], c.device) for k in range(0, len(jpegs), batch)],
+    )
+    out["jpeg_decode_only"] = round(len(jpegs) / secs, 1)
+    preprocess = DevicePreprocess.from_transform(bundle.preprocess)
+    _, secs = timed(
+        c, lambda: [prepare_batch(b, files, preprocess, c.device, bundle.input_dtype) for b in raw]
+    )
+    out["decode_and_preprocess"] = round(len(files) / secs, 1)
+    return out
 
 
 def part_clip_score(c: Check) -> dict[str, Any]:

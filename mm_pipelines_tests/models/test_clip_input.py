@@ -21,10 +21,11 @@ from PIL import Image
 
 from mm_pipelines.models.clip.device_input import (
     DevicePreprocess,
-    RawImages,
     decode_jpegs,
+    iter_raw_batches,
     pil_pixels,
     prepare_batch,
+    read_raw,
 )
 from mm_pipelines.models.clip.encode import encode_images, open_image
 from mm_pipelines.models.clip.loading import TINY_ARCH, ClipBundle, load_clip
@@ -157,8 +158,8 @@ def test_bad_files_fail_alone_with_the_cpu_paths_errors(
     bundle: ClipBundle, files: list[str], tmp_path: Path
 ) -> None:
     sources = _bad_sources(tmp_path, files[0])
-    # one batch holds good and bad JPEGs; a worker process hands over bytes and uint8 pixels
-    on_device = encode_images(bundle, sources, batch_size=8, num_workers=1, decode="device")
+    # one batch holds good and bad JPEGs; worker processes hand over bytes and uint8 pixels
+    on_device = encode_images(bundle, sources, batch_size=8, num_workers=3, decode="device")
     on_cpu = encode_images(bundle, sources, batch_size=8, num_workers=0, decode="pil")
     assert on_device.indices == on_cpu.indices == [0, 7]
     assert on_device.errors == on_cpu.errors
@@ -168,13 +169,28 @@ def test_bad_files_fail_alone_with_the_cpu_paths_errors(
     assert on_device.stats["cpu_fallback"] == 2  # junk.jpg and the garbage bytes
 
 
-def test_workers_hand_over_jpeg_bytes_and_uint8_pixels(files: list[str]) -> None:
-    raw = RawImages([files[0], files[3]])
-    index, kind, payload, error = raw[0]
+def test_a_reader_hands_over_jpeg_bytes_and_uint8_pixels(files: list[str]) -> None:
+    index, kind, payload, error = read_raw(0, files[0])
     assert (index, kind, error) == (0, "jpeg", "")
     assert payload.dtype == torch.uint8 and payload.numpy().tobytes() == Path(files[0]).read_bytes()
-    index, kind, payload, error = raw[1]
+    index, kind, payload, error = read_raw(1, files[3])
     assert kind == "pixels" and payload.dtype == torch.uint8 and payload.shape == (3, 100, 150)
+
+
+def test_worker_chunks_arrive_as_batches_in_source_order(files: list[str], tmp_path: Path) -> None:
+    """Workers read 3 files per task into one buffer each; the batches of 4 are cut
+    across tasks, and every payload is the same as read inline."""
+    sources = [*files * 3, str(tmp_path / "missing.png")]  # JPEG, PNG and a failure
+    batches = list(iter_raw_batches(sources, batch_size=4, workers=2, chunk=3))
+    assert [len(b) for b in batches] == [4, 4, 4, 4, 3]
+    assert [item[0] for b in batches for item in b] == list(range(19))
+    inline = [read_raw(i, s) for i, s in enumerate(sources)]
+    for (i, kind, payload, error), expected in zip(
+        [item for b in batches for item in b], inline, strict=True
+    ):
+        assert (i, kind, error) == (expected[0], expected[1], expected[3])
+        assert payload is None if kind == "error" else torch.equal(payload, expected[2])
+    assert batches[-1][-1][1] == "error" and "missing.png" in batches[-1][-1][3]
 
 
 def test_a_jpeg_the_gpu_decoder_refuses_is_decoded_by_pil(
@@ -192,9 +208,8 @@ def test_a_jpeg_the_gpu_decoder_refuses_is_decoded_by_pil(
         ]
 
     transform = DevicePreprocess.from_transform(bundle.preprocess)
-    raw = RawImages(files[:3])
     batch = prepare_batch(
-        [raw[i] for i in range(3)],
+        [read_raw(i, files[i]) for i in range(3)],
         files[:3],
         transform,
         torch.device("cpu"),

@@ -1,12 +1,13 @@
 """Batched CLIP encoding of images and texts into L2-normalised float32 vectors.
 
-Images: a torch DataLoader with worker processes feeds the model while it runs on the
-previous batch. Two input paths (`resolve_decode`):
-- "pil" (the CPU default): workers decode with PIL (JPEG draft decoding, see
-  `open_image`) and apply the bundle's own transform;
-- "device" (the CUDA default): workers only read JPEG bytes (other formats: PIL to uint8),
-  and decoding (nvJPEG), resize and normalise run on the model's device
-  (`device_input`), one batch ahead on a side stream.
+Images: the next batches are read and decoded while the model runs on this one. Two
+input paths (`resolve_decode`):
+- "pil" (the CPU default): a torch DataLoader's worker processes decode with PIL (JPEG
+  draft decoding, see `open_image`) and apply the bundle's own transform;
+- "device" (the CUDA default): worker processes only read JPEG bytes (other formats:
+  PIL to uint8), many files to one hand-over buffer, and decoding (nvJPEG), resize and
+  normalise run on the model's device (`device_input`), one batch ahead on a side
+  stream.
 A file that does not decode is reported per index (it never stops the batch).
 
 Texts: CLIP's text tower has a hard context limit (77 tokens for real CLIP, 32 for the
@@ -36,10 +37,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from mm_pipelines.models.clip.device_input import (
+    CHUNK_FILES,
     DevicePreprocess,
     PreparedBatch,
-    RawImages,
-    collate_raw,
+    iter_raw_batches,
     prepare_batch,
 )
 from mm_pipelines.models.clip.loading import ClipBundle
@@ -109,7 +110,15 @@ def _collate(batch: list[tuple[int, torch.Tensor | None, str]]):
 
 
 def default_num_workers() -> int:
+    """Worker processes of the "pil" path: decoding there competes with the model's CPU
+    threads, so few."""
     return min(4, max(1, (os.cpu_count() or 1)))
+
+
+def default_readers() -> int:
+    """Worker processes of the "device" path: they only read files and decode what the
+    GPU does not, and a GPU consumes thousands of images a second."""
+    return min(16, max(1, len(os.sched_getaffinity(0)) - 1))
 
 
 def _lower_priority(_worker_id: int) -> None:
@@ -173,13 +182,14 @@ def iter_image_features(
     seconds launching the model.
     """
     mode = resolve_decode(bundle, decode)
-    workers = default_num_workers() if num_workers is None else num_workers
-    workers = min(workers, max(0, -(-len(sources) // batch_size)))  # no idle workers
-    batches = (
-        _pil_batches(bundle, sources, batch_size, workers)
-        if mode == "pil"
-        else _device_batches(bundle, sources, batch_size, workers)
-    )
+    if mode == "pil":  # a worker process decodes a whole batch: no more than batches
+        workers = default_num_workers() if num_workers is None else num_workers
+        workers = min(workers, -(-len(sources) // batch_size))
+        batches = _pil_batches(bundle, sources, batch_size, workers)
+    else:  # a worker reads a few dozen files at a time
+        workers = default_readers() if num_workers is None else num_workers
+        workers = min(workers, -(-len(sources) // CHUNK_FILES))
+        batches = _device_batches(bundle, sources, batch_size, workers)
     timings = stats if stats is not None else {}
     timings.update(loader_wait_s=0.0, model_s=0.0, workers=float(workers))
     t_wait = time.perf_counter()
@@ -216,21 +226,15 @@ def _pil_batches(
 def _device_batches(
     bundle: ClipBundle, sources: Sequence[ImageSource], batch_size: int, workers: int
 ) -> Iterator[PreparedBatch]:
-    """Decode + preprocess on the model's device, one batch ahead in a thread and (CUDA)
-    on a side stream, so that neither waits for the model's kernels."""
+    """Read in `workers` processes; decode + preprocess on the model's device, one
+    batch ahead in a thread and (CUDA) on a side stream, so that neither waits for the
+    model's kernels."""
     preprocess = DevicePreprocess.from_transform(bundle.preprocess)
     assert preprocess is not None  # resolve_decode checked it
     cuda = bundle.device.type == "cuda"
-    loader = DataLoader(
-        RawImages(sources),
-        batch_size=batch_size,
-        num_workers=workers,
-        worker_init_fn=_lower_priority if workers else None,
-        collate_fn=collate_raw,
-        pin_memory=cuda,  # uint8 pixels from PIL then reach the GPU asynchronously
-        # 2 batches per worker: many workers on a GPU box, and every batch in flight
-        # sits in shared memory (/dev/shm is small in many containers)
-        prefetch_factor=2 if workers else None,
+    # pinned: PIL-decoded pixels reach the GPU asynchronously
+    raw_batches = iter_raw_batches(
+        sources, batch_size, workers, pin=cuda, worker_init_fn=_lower_priority
     )
     side = torch.cuda.Stream(bundle.device) if cuda else None
 
@@ -242,7 +246,7 @@ def _device_batches(
                 event.record(side)
         return batch, event
 
-    for batch, event in _ahead(map(prepare, loader), depth=2):
+    for batch, event in _ahead(map(prepare, raw_batches), depth=2):
         if event is not None:
             stream = torch.cuda.current_stream(bundle.device)
             stream.wait_event(event)  # the model's stream waits for this batch's pixels
@@ -300,10 +304,11 @@ def encode_images(
 ) -> ImageEncodeResult:
     """Encode images through the image tower; decode/preprocess overlap the model.
 
-    ``num_workers`` None picks a worker count from the CPU count; 0 decodes inline
-    (what tiny inputs and debugging want). ``decode``: see `resolve_decode` ("auto":
-    on the GPU for a CUDA model, PIL in the workers otherwise). Vectors come to the
-    host asynchronously (pinned memory on CUDA) and are waited for once, at the end.
+    ``num_workers``: worker processes of either input path; None picks a count from
+    the CPU count; 0 decodes inline (what tiny inputs and debugging want).
+    ``decode``: see `resolve_decode` ("auto": on the GPU for a CUDA model, PIL in the
+    workers otherwise). Vectors come to the host asynchronously (pinned memory on CUDA)
+    and are waited for once, at the end.
     """
     indices: list[int] = []
     chunks: list[torch.Tensor] = []
