@@ -9,9 +9,8 @@ one by one), and a worker process read a whole batch alone. Here worker processe
 (`iter_raw_batches`) read JPEG bytes, or decode what nvJPEG is not given (PNG, WebP,
 in-memory images, truncated JPEGs) to uint8, a few dozen files per task packed into one
 buffer, pinned once in the main process. Decoding, resizing and normalising happen on
-the model's device. The same code runs on
-the CPU with torchvision's libjpeg-turbo decoder, which is how the tests pin it to
-open_clip's PIL transform without a GPU.
+the model's device. The same code runs on the CPU with torchvision's libjpeg-turbo
+decoder, which is how the tests pin it to open_clip's PIL transform without a GPU.
 
 Failures: a batch nvJPEG rejects is decoded again file by file; a file that still fails
 goes to PIL (`open_image`, the CPU path's decoder), and a file PIL rejects becomes the
