@@ -1,5 +1,9 @@
 """Helpers every model domain shares: device and precision, autocast, image encoding and
-grids, content hashes of weight files. Torch level only (no psycopg, Dagster or MLflow)."""
+grids, content hashes of weight files. Torch level only (no psycopg, Dagster or MLflow).
+
+torch is imported inside the functions that use it: the image and hash helpers are used
+by drivers that Dagster imports with the definitions, and a step that never touches a
+model should not pay torch's import (seconds per step process)."""
 
 from __future__ import annotations
 
@@ -9,25 +13,25 @@ import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    import torch
 
 # --------------------------------------------------------------------------- device / dtype
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
-_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-}
+_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """`None`/"auto" -> CUDA when available, else CPU."""
+    import torch
+
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -39,14 +43,16 @@ def resolve_dtype(device: str | torch.device, precision: Precision = "auto") -> 
     Half precision on CPU is refused rather than silently changed: CPU half kernels are
     slow or missing, and a config that asks for it is almost certainly a mistake.
     """
+    import torch
+
     device = torch.device(device)
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    if precision not in _DTYPES:
+    if precision not in _DTYPE_NAMES:
         raise ValueError(f"precision must be one of auto/fp32/fp16/bf16, got {precision!r}")
-    dtype = _DTYPES[precision]
+    dtype = getattr(torch, _DTYPE_NAMES[precision])
     if device.type == "cpu" and dtype != torch.float32:
         raise ValueError(f"precision {precision!r} needs CUDA; use 'fp32' or 'auto' on CPU")
     return dtype
@@ -58,6 +64,8 @@ def module_device(module: torch.nn.Module) -> torch.device:
     Inputs a function builds for a model go here, never to a default device: that is what
     makes the same code run on CPU, CUDA and (in the device tests) PyTorch's meta device.
     """
+    import torch
+
     for tensor in module.parameters():
         return tensor.device
     for tensor in module.buffers():
@@ -67,6 +75,8 @@ def module_device(module: torch.nn.Module) -> torch.device:
 
 def module_dtype(module: torch.nn.Module) -> torch.dtype:
     """The floating dtype of a module's weights (float32 when it has none)."""
+    import torch
+
     for tensor in module.parameters():
         if tensor.is_floating_point():
             return tensor.dtype
@@ -75,6 +85,8 @@ def module_dtype(module: torch.nn.Module) -> torch.dtype:
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """Mixed precision on CUDA only; a no-op on CPU (fp32 there)."""
+    import torch
+
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         return torch.autocast(device_type="cuda", dtype=dtype)
     return contextlib.nullcontext()

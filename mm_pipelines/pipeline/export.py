@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mm_pipelines.models.diffusion.pipeline import base_dir_version
 from mm_pipelines.pipeline import model_store as ms
 from mm_pipelines.pipeline import registry
 from mm_pipelines.pipeline.services import DEMO, Services
@@ -32,6 +31,8 @@ class ExportOutcome:
 
 def _base_dir_for(svc: Services, candidate: registry.Candidate) -> tuple[Path, str]:
     """The base model the candidate was trained on, as a local folder, and its version."""
+    from mm_pipelines.models.diffusion.pipeline import base_dir_version
+
     wanted = candidate.tags.get("base_model_version")
     if svc.choice.diffusion_base:
         base_dir = Path(svc.choice.diffusion_base)

@@ -21,7 +21,6 @@ from typing import Any
 from PIL import Image
 
 from mm_pipelines.models.common import encode_image, image_grid, weights_version
-from mm_pipelines.models.diffusion.pipeline import base_dir_version
 from mm_pipelines.pipeline import model_store as ms
 from mm_pipelines.pipeline import registry, subjects
 from mm_pipelines.pipeline import review_logging as review
@@ -64,6 +63,7 @@ def build_base_model(
     """MM_DIFFUSION_BASE (checked to load), or the demo's tiny pipeline trained on the
     catalog's captioned images, tracked, published to the model store and registered."""
     from mm_pipelines.models.demo.tiny_diffusion import BaseTrainConfig, train_base_pipeline
+    from mm_pipelines.models.diffusion.pipeline import base_dir_version
 
     if svc.choice.diffusion_base:
         svc.load_base_pipeline()
@@ -128,6 +128,8 @@ def build_base_model(
 
 def base_model_version(svc: Services) -> tuple[Path, str, str | None]:
     """(local folder, model version, store version or None for an external base)."""
+    from mm_pipelines.models.diffusion.pipeline import base_dir_version
+
     if svc.choice.diffusion_base:
         path = Path(svc.choice.diffusion_base)
         return path, base_dir_version(path), None

@@ -13,15 +13,18 @@ import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from mm_pipelines.models.curation.tagger import ZeroShotTagger, demo_vocabulary, load_vocabulary
 from mm_pipelines.pipeline.curate.config import CurationChoice
 from mm_pipelines.pipeline.services import Services
 from mm_pipelines.storage import curation as db
 from mm_pipelines.storage import embeddings
 from mm_pipelines.storage.postgres import connect
+
+if TYPE_CHECKING:
+    from mm_pipelines.models.curation.tagger import ZeroShotTagger
 
 Log = Callable[[str], None]
 CAPTIONER_BATCH = 16
@@ -45,6 +48,9 @@ class CaptionResult:
 
 
 def _tagger(svc: Services, choice: CurationChoice) -> ZeroShotTagger:
+    # torch and open_clip load when a step captions, not when Dagster loads the definitions
+    from mm_pipelines.models.curation.tagger import ZeroShotTagger, demo_vocabulary, load_vocabulary
+
     path = choice.caption_vocabulary
     return ZeroShotTagger(svc.load_clip(), load_vocabulary(path) if path else demo_vocabulary())
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mm_pipelines.models.curation import heads as hd
 from mm_pipelines.models.speech import whisper as speech
 from mm_pipelines.pipeline import model_store as ms
 from mm_pipelines.pipeline import registry
@@ -35,6 +34,9 @@ from mm_pipelines.pipeline.tracking import RunSpec
 from mm_pipelines.storage import curation as db
 from mm_pipelines.storage import embeddings
 from mm_pipelines.storage.postgres import connect
+
+if TYPE_CHECKING:  # torch loads when a step trains or scores, not with the definitions
+    from mm_pipelines.models.curation import heads as hd
 
 Log = Callable[[str], None]
 LABELLED = "labelled"  # the store name of the heads trained from catalog labels
@@ -101,6 +103,8 @@ def train_content_heads(
 ) -> HeadsResult:
     """Train every head whose labels have >= 2 examples of each class; one MLflow run;
     the heads published together as the model store's `content-heads/labelled`."""
+    from mm_pipelines.models.curation import heads as hd
+
     train = train or hd.HeadTrainConfig()
     bundle = svc.load_clip()
     with connect(svc.need_dsn()) as conn:
@@ -186,6 +190,8 @@ def active_heads(
 ) -> dict[str, hd.LoadedHead]:
     """Configured heads, else the trained ones (if any). A head trained on another CLIP,
     or reading another width, is a clear error rather than silent nonsense."""
+    from mm_pipelines.models.curation import heads as hd
+
     found: dict[str, hd.LoadedHead] = {}
     for name, path in choice.configured_heads().items():
         found[name] = hd.load_head(path, name)
@@ -255,6 +261,8 @@ def clip_version(svc: Services) -> str:
 def score_batch(
     svc: Services, choice: CurationChoice, batch: str, log: Log = _quiet
 ) -> ScoreResult:
+    from mm_pipelines.models.curation import heads as hd
+
     version = clip_version(svc)
     transcripts = speech.model_version(svc.choice.whisper_model)
     with connect(svc.need_dsn()) as conn:
