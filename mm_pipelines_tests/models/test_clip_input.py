@@ -11,6 +11,7 @@ decodes JPEGs with PIL's draft mode; measured <= 5e-5 with a random ViT-B-32).
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,12 @@ from PIL import Image
 
 from mm_pipelines.models.clip.device_input import (
     DevicePreprocess,
+    close_reader_pool,
     decode_jpegs,
     iter_raw_batches,
     pil_pixels,
     prepare_batch,
+    read_png,
     read_raw,
 )
 from mm_pipelines.models.clip.encode import encode_images, open_image
@@ -220,3 +223,76 @@ def test_a_jpeg_the_gpu_decoder_refuses_is_decoded_by_pil(
     assert batch.counts == {"device_decoded": 2, "cpu_fallback": 1}
     expected = transform([pil_pixels(cmyk)], torch.float32)[0]
     torch.testing.assert_close(batch.pixels[2], expected)
+
+
+def _png_modes(folder: Path) -> dict[str, str]:
+    """One PNG per colour type PIL writes, 8 bits and fewer, plus a 16-bit one."""
+    rgb = _photo(8, 40, 30)
+    rgba = np.array(rgb.convert("RGBA"))
+    rgba[..., 3] = np.arange(40, dtype=np.uint8)[None, :] * 6
+    images = {
+        "rgb": (rgb, {}),
+        "rgba": (Image.fromarray(rgba), {}),
+        "gray": (rgb.convert("L"), {}),
+        "gray_alpha": (Image.fromarray(rgba).convert("LA"), {}),
+        "palette": (rgb.convert("P"), {}),
+        "palette_transparent": (rgb.convert("P"), {"transparency": 3}),
+        "bilevel": (rgb.convert("1"), {}),
+        "gray_16_bit": (Image.fromarray(np.arange(1200, dtype=np.uint16).reshape(30, 40) * 50), {}),
+    }
+    return {
+        name: _write(folder, f"{name}.png", image, **kw) for name, (image, kw) in images.items()
+    }
+
+
+def test_pngs_decode_to_the_pixels_pil_gives(tmp_path: Path) -> None:
+    """Readers decode 8-bit PNGs with libpng (faster than PIL); every colour type gives
+    PIL's RGB pixels exactly, and what libpng would give otherwise (16 bits) goes to PIL."""
+    for name, path in _png_modes(tmp_path).items():
+        _, kind, payload, error = read_raw(0, path)
+        assert (kind, error) == ("pixels", ""), name
+        assert payload.dtype == torch.uint8, name
+        assert torch.equal(payload, pil_pixels(path)), name
+        assert (read_png(path) is not None) == (name != "gray_16_bit"), name  # libpng's?
+
+
+def test_kept_readers_serve_the_next_call_with_the_same_processes(
+    files: list[str], tmp_path: Path
+) -> None:
+    import multiprocessing
+
+    def read(sources: list) -> list:
+        batches = iter_raw_batches(sources, batch_size=4, workers=2, chunk=2, keep_workers=True)
+        return [item for batch in batches for item in batch]
+
+    try:
+        first = read(files)
+        workers = {p.pid for p in multiprocessing.active_children()}
+        assert len(workers) == 2  # kept after the call
+        missing = str(tmp_path / "missing.png")
+        second = read([files[3], missing, files[0]])
+        assert {p.pid for p in multiprocessing.active_children()} == workers
+    finally:
+        close_reader_pool()
+    assert [(i, kind) for i, kind, _, _ in first] == [
+        (i, read_raw(i, f)[1]) for i, f in enumerate(files)
+    ]
+    assert [(i, kind) for i, kind, _, _ in second] == [(0, "pixels"), (1, "error"), (2, "jpeg")]
+    assert torch.equal(second[0][2], pil_pixels(files[3]))
+
+
+def test_a_call_left_unfinished_leaves_nothing_for_the_next(files: list[str]) -> None:
+    def batches(sources: list) -> Iterator[list]:
+        return iter_raw_batches(sources, batch_size=2, workers=2, chunk=1, keep_workers=True)
+
+    try:
+        abandoned = batches(files * 4)
+        next(abandoned)
+        # while it is open, another caller gets readers of its own
+        concurrent = [item[0] for b in batches(files[:3]) for item in b]
+        abandoned.close()
+        after = [(item[0], item[1]) for b in batches(files[:2]) for item in b]
+    finally:
+        close_reader_pool()
+    assert concurrent == [0, 1, 2]
+    assert after == [(0, "jpeg"), (1, "jpeg")]

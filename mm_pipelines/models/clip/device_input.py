@@ -21,17 +21,19 @@ fails the batch.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 JPEG_SOI = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG bytes per decode call: bounds the full-size images held at once (JPEGs compress
 # ~10x, so ~300 MB decoded; a batch of 640x480 photos is one call, of 12 MP photos a few)
 DECODE_BYTES = 32 << 20
@@ -182,6 +184,35 @@ def read_jpeg(source: object) -> bytearray | None:
     return None
 
 
+def read_png(source: object) -> torch.Tensor | None:
+    """A PNG that libpng decodes exactly as PIL's ``convert("RGB")`` does (8 bits or
+    fewer per sample, not interlaced), decoded to uint8 [3, H, W]; None for anything
+    else, which PIL then decodes (16-bit PNGs come back as uint16 here, and any failure
+    must carry PIL's message, as on the CPU path). libpng through torchvision takes
+    about 3/4 of PIL's time (6.5 vs 8.7 ms for a 640x480 photo), and PNGs are the
+    readers' main cost on a GPU box."""
+    from torchvision.io import ImageReadMode, decode_png
+
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytearray(source)
+    elif isinstance(source, str | os.PathLike):
+        with open(source, "rb") as f:
+            if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+                return None
+            f.seek(0)
+            data = bytearray(f.read())
+    else:
+        return None
+    # IHDR is the first chunk: bit depth at byte 24, interlace method at byte 28
+    if not data.startswith(PNG_SIGNATURE) or len(data) < 29 or data[24] > 8 or data[28]:
+        return None
+    try:
+        pixels = decode_png(torch.frombuffer(data, dtype=torch.uint8), ImageReadMode.RGB)
+    except RuntimeError:
+        return None
+    return pixels if pixels.dtype == torch.uint8 else None
+
+
 def pil_pixels(source: object) -> torch.Tensor:
     """PIL decode (the CPU path's `open_image`, full size) -> uint8 [3, H, W], a view of
     height-width-channel memory (moving it to a device keeps that layout; no CPU
@@ -193,8 +224,9 @@ def pil_pixels(source: object) -> torch.Tensor:
 
 
 def read_raw(index: int, source: object) -> RawItem:
-    """A JPEG's bytes as they are, anything else decoded to uint8 by PIL; a source PIL
-    cannot read comes back as its error message (never raised)."""
+    """A JPEG's bytes as they are, anything else decoded to uint8 (8-bit PNGs by libpng,
+    the rest by PIL); a source PIL cannot read comes back as its error message (never
+    raised)."""
     try:
         data = read_jpeg(source)
     except OSError:
@@ -202,7 +234,11 @@ def read_raw(index: int, source: object) -> RawItem:
     if data is not None:
         return index, "jpeg", torch.frombuffer(data, dtype=torch.uint8), ""
     try:
-        return index, "pixels", pil_pixels(source), ""
+        pixels = read_png(source)
+    except OSError:
+        pixels = None
+    try:
+        return index, "pixels", pixels if pixels is not None else pil_pixels(source), ""
     except Exception as exc:  # noqa: BLE001 - any decode failure is a per-item status
         return index, "error", None, f"{type(exc).__name__}: {exc}"
 
@@ -239,25 +275,107 @@ def unpack(buffer: torch.Tensor, meta: list[PackedItem]) -> list[RawItem]:
     return items
 
 
-class RawChunks(Dataset):
-    """Worker side: `read_raw` of `chunk` consecutive sources, packed into one buffer.
+class ReadTasks(Dataset):
+    """Worker side: a task is (first index, sources); it comes back as `read_raw` of each
+    source, packed into one buffer.
 
     One buffer per task, not a tensor per file: the DataLoader hands each tensor over as
     its own shared-memory file (measured ~0.2 ms per tensor in the main process, and the
-    pin-memory thread pins each one), which held an H100 to a fifth of its speed.
+    pin-memory thread pins each one), which held an H100 to a fifth of its speed. The
+    sources travel with the task, so one set of worker processes serves every call.
     """
 
-    def __init__(self, sources: Sequence[object], chunk: int) -> None:
-        self.sources = sources
-        self.chunk = chunk
+    def __getitem__(self, task: tuple[int, Sequence[object]]) -> tuple[torch.Tensor, list]:
+        start, sources = task
+        return pack([read_raw(start + k, source) for k, source in enumerate(sources)])
+
+
+class _CurrentTasks(Sampler):
+    """The tasks of the call being served: a kept DataLoader iterates its sampler anew
+    for every call."""
+
+    def __init__(self) -> None:
+        self.tasks: list[tuple[int, Sequence[object]]] = []
+
+    def __iter__(self) -> Iterator[tuple[int, Sequence[object]]]:
+        return iter(self.tasks)
 
     def __len__(self) -> int:
-        return -(-len(self.sources) // self.chunk)
+        return len(self.tasks)
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, list[PackedItem]]:
-        start = k * self.chunk
-        end = min(start + self.chunk, len(self.sources))
-        return pack([read_raw(i, self.sources[i]) for i in range(start, end)])
+
+class ReaderPool:
+    """Reader processes kept for the life of the process and reused by every call.
+
+    Forking a worker from a process that holds a CUDA context and a model took ~35 ms
+    (0.5-0.7 s for 14 workers on an H100 box, issue 17), as long as the model needs
+    for 4,000 images: paid once here, not per call. One call at a time; `iter_raw_batches`
+    gives a concurrent caller its own short-lived workers.
+    """
+
+    def __init__(
+        self, workers: int, pin: bool, prefetch: int, worker_init_fn: Callable | None
+    ) -> None:
+        self.workers, self.pin, self.pid = workers, pin, os.getpid()
+        self.worker_init_fn = worker_init_fn
+        self.lock = threading.Lock()
+        self._tasks = _CurrentTasks()
+        self._loader = DataLoader(
+            ReadTasks(),
+            sampler=self._tasks,
+            batch_size=None,
+            num_workers=workers,
+            worker_init_fn=worker_init_fn,
+            pin_memory=pin,
+            prefetch_factor=prefetch,
+            persistent_workers=True,
+        )
+
+    def serves(self, workers: int, pin: bool, worker_init_fn: Callable | None) -> bool:
+        """Enough workers of the same kind."""
+        return self.workers >= workers and self.pin == pin and self.worker_init_fn is worker_init_fn
+
+    def read(self, tasks: list[tuple[int, Sequence[object]]]) -> Iterator:
+        """The packed tasks in order; the caller holds `lock`. A call left unfinished
+        costs the next one only the wait for the tasks still in flight (the DataLoader
+        drops their results when it starts the next pass)."""
+        self._tasks.tasks = tasks
+        yield from self._loader
+
+
+_pool: ReaderPool | None = None
+_pool_lock = threading.Lock()
+# a forked child's copy of its parent's pool: kept, because dropping it would shut down
+# the parent's workers through the queues both processes hold
+_inherited: list[ReaderPool] = []
+
+
+def reader_pool(
+    workers: int, pin: bool, prefetch: int, worker_init_fn: Callable | None
+) -> ReaderPool:
+    """The process's kept readers, replaced by a larger (or other) set when a call needs it."""
+    global _pool
+    with _pool_lock:
+        if _pool is not None and _pool.pid != os.getpid():
+            _inherited.append(_pool)
+            _pool = None
+        if _pool is None or not _pool.serves(workers, pin, worker_init_fn):
+            _pool = ReaderPool(workers, pin, prefetch, worker_init_fn)  # the old one's workers exit
+        return _pool
+
+
+def close_reader_pool() -> None:
+    """Let the kept readers go (their processes exit); the next call that keeps workers
+    starts new ones."""
+    global _pool
+    with _pool_lock:
+        if _pool is not None and _pool.pid != os.getpid():
+            _inherited.append(_pool)
+        _pool = None
+
+
+def _tasks(sources: Sequence[object], chunk: int) -> list[tuple[int, Sequence[object]]]:
+    return [(k, sources[k : k + chunk]) for k in range(0, len(sources), chunk)]
 
 
 def iter_raw_batches(
@@ -267,28 +385,48 @@ def iter_raw_batches(
     pin: bool = False,
     chunk: int = CHUNK_FILES,
     worker_init_fn: Callable[[int], None] | None = None,
+    keep_workers: bool = False,
 ) -> Iterator[list[RawItem]]:
     """`read_raw` of every source, batch by batch in source order, read by `workers`
     processes (0: inline) `chunk` files at a time; ``pin``: in page-locked memory, so
-    pixels reach the GPU asynchronously.
+    pixels reach the GPU asynchronously; ``keep_workers``: the process's `ReaderPool`
+    (started by the first such call), else workers started for this call alone.
 
     Processes, not threads: reader threads share the main process's GIL with the
     thread launching the model's kernels, and on an H100 that held reading to 2,303
     images/s and stalled the model (issue 17's measurements).
     """
     chunk = max(1, min(chunk, batch_size))
+    tasks = _tasks(sources, chunk)
     # about two batches in flight beyond the one being encoded, however many workers
     prefetch = max(2, -(-2 * batch_size // (chunk * max(1, workers))))
+    if workers == 0:
+        yield from _cut((ReadTasks()[task] for task in tasks), batch_size)
+        return
+    if keep_workers:
+        pool = reader_pool(workers, pin, prefetch, worker_init_fn)
+        if pool.lock.acquire(blocking=False):
+            try:
+                yield from _cut(pool.read(tasks), batch_size)
+            finally:
+                pool.lock.release()
+            return
     loader = DataLoader(
-        RawChunks(sources, chunk),
+        ReadTasks(),
+        sampler=tasks,
         batch_size=None,
         num_workers=workers,
-        worker_init_fn=worker_init_fn if workers else None,
+        worker_init_fn=worker_init_fn,
         pin_memory=pin,
-        prefetch_factor=prefetch if workers else None,
+        prefetch_factor=prefetch,
     )
+    yield from _cut(loader, batch_size)
+
+
+def _cut(packed: Iterable, batch_size: int) -> Iterator[list[RawItem]]:
+    """Packed tasks -> batches of `batch_size` items, cut across tasks."""
     batch: list[RawItem] = []
-    for buffer, meta in loader:
+    for buffer, meta in packed:
         batch += unpack(buffer, meta)
         while len(batch) >= batch_size:
             yield batch[:batch_size]

@@ -121,7 +121,7 @@ def default_readers() -> int:
     return min(16, max(1, len(os.sched_getaffinity(0)) - 1))
 
 
-def _lower_priority(_worker_id: int) -> None:
+def lower_priority(_worker_id: int) -> None:
     # Decoding is latency-tolerant (it runs ahead); the model's threads are not, and on a
     # small machine a worker holding a core stalls every step of a multi-threaded forward.
     with contextlib.suppress(OSError):
@@ -188,7 +188,8 @@ def iter_image_features(
         batches = _pil_batches(bundle, sources, batch_size, workers)
     else:  # a worker reads a few dozen files at a time
         workers = default_readers() if num_workers is None else num_workers
-        workers = min(workers, -(-len(sources) // CHUNK_FILES))
+        if bundle.device.type != "cuda":  # CUDA: the process keeps its readers, all of them
+            workers = min(workers, -(-len(sources) // CHUNK_FILES))
         batches = _device_batches(bundle, sources, batch_size, workers)
     timings = stats if stats is not None else {}
     timings.update(loader_wait_s=0.0, model_s=0.0, workers=float(workers))
@@ -214,7 +215,7 @@ def _pil_batches(
         _ImageDataset(sources, bundle.preprocess, model_input_side(bundle)),
         batch_size=batch_size,
         num_workers=workers,
-        worker_init_fn=_lower_priority if workers else None,
+        worker_init_fn=lower_priority if workers else None,
         collate_fn=_collate,
         pin_memory=bundle.device.type == "cuda",
         prefetch_factor=4 if workers else None,
@@ -232,9 +233,10 @@ def _device_batches(
     preprocess = DevicePreprocess.from_transform(bundle.preprocess)
     assert preprocess is not None  # resolve_decode checked it
     cuda = bundle.device.type == "cuda"
-    # pinned: PIL-decoded pixels reach the GPU asynchronously
+    # pinned: PIL-decoded pixels reach the GPU asynchronously; kept: a GPU process pays
+    # the readers' start-up (forking from a CUDA process) once, not per call
     raw_batches = iter_raw_batches(
-        sources, batch_size, workers, pin=cuda, worker_init_fn=_lower_priority
+        sources, batch_size, workers, pin=cuda, worker_init_fn=lower_priority, keep_workers=cuda
     )
     side = torch.cuda.Stream(bundle.device) if cuda else None
 
