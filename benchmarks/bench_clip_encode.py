@@ -8,6 +8,7 @@ throughput does not depend on the weights), same batch size, same run.
 
     .venv/bin/python benchmarks/bench_clip_encode.py [--device cpu|cuda] [--images 160]
         [--batch-size 32] [--workers N] [--decode auto|pil|device] [--rounds 2]
+        [--formats mixed|jpeg]
 
 On CUDA the default input path decodes JPEGs with nvJPEG and resizes on the GPU; on CPU
 it is PIL in worker processes with JPEG draft decoding. The vectors of the end-to-end
@@ -26,6 +27,7 @@ import platform
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,23 +38,30 @@ from mm_pipelines.models.clip.encode import encode_images, open_image
 from mm_pipelines.models.clip.loading import load_clip
 
 
-def make_photos(folder: Path, n: int, seed: int = 0) -> list[str]:
-    """Photo-like 640x480 files (smooth colour fields + shapes + grain); 3 JPEG : 1 PNG."""
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        low = rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8)
-        base = Image.fromarray(low).resize((640, 480), Image.Resampling.BICUBIC)
-        draw = ImageDraw.Draw(base)
-        for _ in range(4):
-            x, y, r = rng.integers(0, 640), rng.integers(0, 480), rng.integers(20, 120)
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.integers(0, 255, 3).tolist()))
-        pixels = np.asarray(base, np.float32) + rng.normal(0, 8, (480, 640, 3))
-        img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-        path = folder / (f"{i:04d}.png" if i % 4 == 3 else f"{i:04d}.jpg")
-        img.save(path, quality=90) if path.suffix == ".jpg" else img.save(path)
-        paths.append(str(path))
-    return paths
+def make_photos(folder: Path, n: int, seed: int = 0, formats: str = "mixed") -> list[str]:
+    """Photo-like 640x480 files (smooth colour fields + shapes + grain); ``formats``
+    "mixed": 3 JPEG : 1 PNG, "jpeg": JPEG only. Made in parallel (PNG encoding of grain
+    is slow)."""
+    jobs = [(folder, i, seed, formats) for i in range(n)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(_make_photo, jobs, chunksize=16))
+
+
+def _make_photo(job: tuple[Path, int, int, str]) -> str:
+    folder, i, seed, formats = job
+    rng = np.random.default_rng((seed, i))
+    low = rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8)
+    base = Image.fromarray(low).resize((640, 480), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(base)
+    for _ in range(4):
+        x, y, r = rng.integers(0, 640), rng.integers(0, 480), rng.integers(20, 120)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.integers(0, 255, 3).tolist()))
+    pixels = np.asarray(base, np.float32) + rng.normal(0, 8, (480, 640, 3))
+    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    png = formats == "mixed" and i % 4 == 3
+    path = folder / (f"{i:04d}.png" if png else f"{i:04d}.jpg")
+    img.save(path) if png else img.save(path, quality=90)
+    return str(path)
 
 
 def raw_forward(bundle, tensors: torch.Tensor, batch_size: int) -> tuple[float, np.ndarray]:
@@ -70,8 +79,8 @@ def raw_forward(bundle, tensors: torch.Tensor, batch_size: int) -> tuple[float, 
     return time.perf_counter() - t0, np.concatenate(out)
 
 
-def _max_cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
-    return float((1 - (a * b).sum(axis=1)).max()) if len(a) else 0.0
+def _max_cosine_distance(a: np.ndarray, b: np.ndarray) -> float | None:
+    return float((1 - (a * b).sum(axis=1)).max()) if len(a) else None
 
 
 def main() -> None:
@@ -82,11 +91,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--decode", default="auto", choices=["auto", "pil", "device"])
     parser.add_argument("--rounds", type=int, default=2, help="end-to-end runs")
+    parser.add_argument("--formats", default="mixed", choices=["mixed", "jpeg"])
     args = parser.parse_args()
 
     bundle = load_clip("ViT-B-32", None, device=args.device)
     with tempfile.TemporaryDirectory(prefix="bench_clip_") as tmp:
-        paths = make_photos(Path(tmp), args.images)
+        paths = make_photos(Path(tmp), args.images, formats=args.formats)
         disk_bytes = sum(os.path.getsize(p) for p in paths)
         # Warm-up: first-call allocations and kernel selection, for both paths alike; on
         # CUDA the first call also starts the reader processes the process keeps
@@ -124,7 +134,8 @@ def main() -> None:
                 "precision": bundle.precision,
                 "decode": "device" if e2e.stats["decode_on_device"] else "pil",
                 "images": args.images,
-                "image_files": "640x480, 3 JPEG : 1 PNG",
+                "image_files": "640x480, "
+                + ("3 JPEG : 1 PNG" if args.formats == "mixed" else "JPEG only"),
                 "disk_mb": round(disk_bytes / 1e6, 1),
                 "batch_size": args.batch_size,
                 "workers": int(e2e.stats["workers"]),
