@@ -12,6 +12,7 @@ The full summary (every asset's numbers and check results, no markdown) goes to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import subprocess
@@ -20,7 +21,7 @@ import tempfile
 import time
 import urllib.request
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,10 +248,11 @@ def run(args: argparse.Namespace) -> int:
         "assets": outcome.assets,
         "checks": outcome.checks,
     }
-    searches = _sample_searches(svc)
-    summary["searches"] = searches
-    served = None if args.no_lora else _served_search(DEMO_QUERIES[0])
-    summary["served_search"] = served
+    # the server loads its bundle while the local searches load their models (each is
+    # mostly single-threaded imports: side by side they take the longer one's time)
+    with _demo_server(start=not args.no_lora) as server:
+        summary["searches"] = _sample_searches(svc)
+        summary["served_search"] = server and _served_search(server, DEMO_QUERIES[0])
     summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
@@ -269,36 +271,51 @@ def _sample_searches(svc: Any) -> dict[str, list[dict[str, Any]]]:
         return {q: search(conn, models, q, k=3).hits for q in DEMO_QUERIES}
 
 
-def _served_search(query: str) -> dict[str, Any] | None:
-    """Start `mm serve` on the bundle just published, search through HTTP, stop it. It runs
-    without API keys (--no-auth), on loopback, for this one request: the summary says so."""
+@dataclass
+class _Server:
+    proc: subprocess.Popen
+    log: Any  # its stderr (a temporary file)
+
+
+@contextlib.contextmanager
+def _demo_server(start: bool) -> Iterator[_Server | None]:
+    """`mm serve` on the bundle just published, started now and stopped on leaving. It
+    runs without API keys (--no-auth), on loopback, for one request: the summary says so."""
+    if not start:
+        yield None
+        return
     cmd = [sys.executable, "-m", "mm_pipelines.cli", "serve", "--port", "0", "--no-audio"]
     cmd += ["--no-auth"]
     cmd += ["--log-level", "warning"]  # its start-up lines would interleave with ours
     with tempfile.TemporaryFile("w+") as log:  # its stderr: shown only if it fails to start
         server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
         try:
-            first = server.stdout.readline() if server.stdout else ""
-            if "listening on " not in first:
-                log.seek(0)
-                print(f"mm serve did not start: {first.strip()}", file=sys.stderr)
-                print(log.read()[-2000:], file=sys.stderr)
-                return None
-            url = first.split("listening on ", 1)[1].split()[0]
-            request = urllib.request.Request(
-                f"{url}/v1/search",
-                data=json.dumps({"query": query, "tenant": "acme", "k": 3}).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(request, timeout=120) as response:
-                answer = json.loads(response.read())
-            return {"url": url, "query": query, **answer}
+            yield _Server(server, log)
         finally:
             server.terminate()
             try:
                 server.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 server.kill()
+
+
+def _served_search(server: _Server, query: str) -> dict[str, Any] | None:
+    """Once the server is listening: `query` through HTTP."""
+    first = server.proc.stdout.readline() if server.proc.stdout else ""
+    if "listening on " not in first:
+        server.log.seek(0)
+        print(f"mm serve did not start: {first.strip()}", file=sys.stderr)
+        print(server.log.read()[-2000:], file=sys.stderr)
+        return None
+    url = first.split("listening on ", 1)[1].split()[0]
+    request = urllib.request.Request(
+        f"{url}/v1/search",
+        data=json.dumps({"query": query, "tenant": "acme", "k": 3}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        answer = json.loads(response.read())
+    return {"url": url, "query": query, **answer}
 
 
 def _line(label: str, text: str) -> str:

@@ -1,26 +1,12 @@
-"""Session-scoped models for the ML tests: each is trained or loaded once per run."""
+"""Session-scoped models for the ML tests: each is trained or loaded once per run (the
+demo CLIP, `demo_clip`, is in the root conftest)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mm_pipelines.models.demo.tiny_clip import FAST_TRAIN_CONFIG, TrainResult, train_clip
 from mm_pipelines.pipeline.sample_data import SPEECH_DIR
-
-# One torch thread for training: on 2 shared cores two threads spin at every barrier
-# whenever another process holds a core, and a step can take 10x longer; one thread is
-# never far from the best case. The trained model is the same up to float rounding.
-TRAIN_THREADS = 1
-
-
-@pytest.fixture(scope="session")
-def fast_clip(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
-    """The short training setting, saved as a checkpoint file."""
-    path = tmp_path_factory.mktemp("clip") / "fast.safetensors"
-    return train_clip(
-        FAST_TRAIN_CONFIG, device="cpu", checkpoint_path=path, num_threads=TRAIN_THREADS
-    )
 
 
 @pytest.fixture(scope="session")

@@ -36,13 +36,13 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-def test_saved_checkpoint_reloads_offline_with_identical_vectors(fast_clip, tmp_path, no_network):
+def test_saved_checkpoint_reloads_offline_with_identical_vectors(demo_clip, tmp_path, no_network):
     images, captions = shapes.heldout_split(n=16, size_px=48)
-    trained = fast_clip.bundle
+    trained = demo_clip.bundle
     expected_img = encode_images(trained, images, num_workers=0).vectors
     expected_txt = encode_texts(trained, captions).vectors
 
-    from_file = load_clip(TINY_ARCH, fast_clip.checkpoint_path, device="cpu")
+    from_file = load_clip(TINY_ARCH, demo_clip.checkpoint_path, device="cpu")
     local_dir = save_local_dir(trained.model, TINY_ARCH, tmp_path / "model")
     from_dir = load_clip(TINY_ARCH, local_dir, device="cpu")
     for loaded in (from_file, from_dir):
@@ -52,7 +52,7 @@ def test_saved_checkpoint_reloads_offline_with_identical_vectors(fast_clip, tmp_
         np.testing.assert_array_equal(encode_texts(loaded, captions).vectors, expected_txt)
         # The version names the weights, so both forms of the same weights agree.
         assert loaded.model_version == trained.model_version
-    assert fast_clip.checkpoint_sha256[:16] in trained.model_version
+    assert demo_clip.checkpoint_sha256[:16] in trained.model_version
 
 
 def test_long_text_is_chunked_never_truncated():
@@ -83,7 +83,7 @@ def test_long_text_is_chunked_never_truncated():
     np.testing.assert_allclose(np.linalg.norm(result.vectors, axis=1), 1.0, rtol=1e-5)
 
 
-def test_image_encoding_reads_files_and_bytes_and_reports_bad_ones(fast_clip, tmp_path):
+def test_image_encoding_reads_files_and_bytes_and_reports_bad_ones(demo_clip, tmp_path):
     images, _ = shapes.heldout_split(n=6, size_px=40)
     sources: list = []
     for i, img in enumerate(images[:3]):
@@ -96,13 +96,13 @@ def test_image_encoding_reads_files_and_bytes_and_reports_bad_ones(fast_clip, tm
     (tmp_path / "truncated.jpg").write_bytes((tmp_path / "0.jpg").read_bytes()[:100])
     sources.append(str(tmp_path / "truncated.jpg"))
 
-    result = encode_images(fast_clip.bundle, sources, batch_size=2, num_workers=2)
+    result = encode_images(demo_clip.bundle, sources, batch_size=2, num_workers=2)
     assert result.indices == [0, 1, 2, 3, 5]
     assert set(result.errors) == {4, 6}
-    assert result.vectors.shape == (5, fast_clip.bundle.embed_dim)
+    assert result.vectors.shape == (5, demo_clip.bundle.embed_dim)
     assert result.vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(result.vectors, axis=1), 1.0, rtol=1e-5)
-    inline = encode_images(fast_clip.bundle, sources, batch_size=4, num_workers=0)
+    inline = encode_images(demo_clip.bundle, sources, batch_size=4, num_workers=0)
     np.testing.assert_allclose(inline.vectors, result.vectors, atol=1e-6)
 
 
@@ -119,12 +119,12 @@ def test_heldout_images_are_never_training_images():
     )
 
 
-def test_short_training_improves_heldout_recall(fast_clip):
-    untrained = load_clip(TINY_ARCH, None, device="cpu", seed=fast_clip.config.seed)
+def test_training_lifts_heldout_recall_far_above_the_untrained_models(demo_clip):
+    untrained = load_clip(TINY_ARCH, None, device="cpu", seed=demo_clip.config.seed)
     images, captions = shapes.heldout_split()
     before = evaluate_text_to_image_recall(untrained, images, captions, k=1)
-    after = evaluate_text_to_image_recall(fast_clip.bundle, images, captions, k=1)
-    print(f"held-out recall@1: untrained {before:.3f}, fast-trained {after:.3f}")
+    after = evaluate_text_to_image_recall(demo_clip.bundle, images, captions, k=1)
+    print(f"held-out recall@1: untrained {before:.3f}, trained {after:.3f}")
     assert after >= before + 0.3
 
 

@@ -52,7 +52,7 @@ def test_audio_vectors_are_normalised_and_tell_clips_apart(whisper_encoder, spee
 
 
 def test_projector_training_improves_audio_to_text_retrieval(
-    whisper_encoder, speech_clips, fast_clip, tmp_path
+    whisper_encoder, speech_clips, demo_clip, tmp_path
 ):
     rng = np.random.default_rng(0)
     variants = 10
@@ -63,14 +63,14 @@ def test_projector_training_improves_audio_to_text_retrieval(
             texts.append(transcript)
             groups.append(f"{name}#{k}")  # each variant is its own recording
     audio_vecs = embed_audio_batch(whisper_encoder, audio)
-    text_vecs = mean_text_vectors(fast_clip.bundle, texts)
+    text_vecs = mean_text_vectors(demo_clip.bundle, texts)
 
     result = train_projector(
         audio_vecs,
         text_vecs,
         groups,
         ProjectorTrainConfig(steps=300, seed=0),
-        clip_model_version=fast_clip.bundle.model_version,
+        clip_model_version=demo_clip.bundle.model_version,
         audio_model_version=whisper_encoder.model_version,
     )
     m = result.metrics
@@ -89,4 +89,4 @@ def test_projector_training_improves_audio_to_text_retrieval(
         atol=1e-6,
     )
     np.testing.assert_allclose(loaded.project("text", text_vecs[:3]), text_vecs[:3], atol=1e-6)
-    assert loaded.project("audio", audio_vecs[:2]).shape == (2, fast_clip.bundle.embed_dim)
+    assert loaded.project("audio", audio_vecs[:2]).shape == (2, demo_clip.bundle.embed_dim)

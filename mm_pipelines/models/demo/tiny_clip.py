@@ -60,9 +60,8 @@ class TrainConfig:
         return asdict(self)
 
 
-# The demo model (`mm demo` and the slow retrieval test) and the fast test setting.
+# The demo model (`mm demo`, and the tests' session fixture `demo_clip`).
 DEMO_TRAIN_CONFIG = TrainConfig()
-FAST_TRAIN_CONFIG = TrainConfig(steps=100, images_per_combo=4, warmup_steps=15)
 
 
 @dataclass
