@@ -13,7 +13,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import torch
 from psycopg.conninfo import make_conninfo
+
+# One intra-op thread for the torch work the tests do in this process, for the whole
+# session: on 2 cores shared with the step processes and servers the tests start, two
+# threads spin at every barrier whenever another process holds a core (base training
+# measured ~4x slower under load). On an idle machine it costs a little: the demo CLIP
+# fixture trained in 107 s with one thread, 62-69 s with two (measured here).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

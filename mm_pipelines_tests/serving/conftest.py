@@ -19,9 +19,6 @@ import numpy as np
 import pytest
 import torch
 
-# the models here are tiny; one thread never fights the other processes on 2 cores
-torch.set_num_threads(1)
-
 
 @dataclass(frozen=True)
 class ModelSet:
