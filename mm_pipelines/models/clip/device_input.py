@@ -194,6 +194,8 @@ def read_png(source: object) -> torch.Tensor | None:
     from torchvision.io import ImageReadMode, decode_png
 
     if isinstance(source, bytes | bytearray | memoryview):
+        if bytes(source[: len(PNG_SIGNATURE)]) != PNG_SIGNATURE:
+            return None
         data = bytearray(source)
     elif isinstance(source, str | os.PathLike):
         with open(source, "rb") as f:
