@@ -1,4 +1,4 @@
-"""Helpers every model domain shares: device and precision, autocast, image encoding and
+"""Helpers every model domain shares: CPUs, device and precision, autocast, image encoding and
 grids, content hashes of weight files. Torch level only (no psycopg, Dagster or MLflow).
 
 torch is imported inside the functions that use it: the image and hash helpers are used
@@ -20,6 +20,27 @@ from PIL import Image, ImageDraw
 
 if TYPE_CHECKING:
     import torch
+
+# --------------------------------------------------------------------------- CPUs
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def available_cpus(cpu_max: Path | None = None) -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a
+    Kubernetes pod's CPU limit; `os.cpu_count()` there reports the node's cores, and 16
+    reader processes in a 4-CPU pod would be throttled, not faster)."""
+    import os
+
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = (cpu_max or CGROUP_CPU_MAX).read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    return cpus
+
 
 # --------------------------------------------------------------------------- device / dtype
 

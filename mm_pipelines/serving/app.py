@@ -25,7 +25,6 @@ import base64
 import binascii
 import json
 import logging
-import os
 import queue
 import re
 import threading
@@ -282,9 +281,10 @@ def create_app(
     media: Any = None,
 ) -> Starlette:
     """`keys`: how a bearer token becomes an API key (None: no keys, `mm serve --no-auth`)."""
+    from mm_pipelines.models.common import available_cpus
     from mm_pipelines.serving import openai_api, openapi, search_api, ui
 
-    limiter = anyio.CapacityLimiter(workers or max(1, os.cpu_count() or 1))
+    limiter = anyio.CapacityLimiter(workers or available_cpus())
     # index queries wait on Postgres, not on our CPU: as many in flight as pooled connections
     db_limiter = anyio.CapacityLimiter(pool.size if pool is not None else 1)
     api = Api(manager, pool, limits, media, limiter, db_limiter)

@@ -296,3 +296,26 @@ def test_a_call_left_unfinished_leaves_nothing_for_the_next(files: list[str]) ->
         close_reader_pool()
     assert concurrent == [0, 1, 2]
     assert after == [(0, "jpeg"), (1, "jpeg")]
+
+
+def test_a_cpu_quota_caps_the_reader_count(tmp_path: Path, monkeypatch) -> None:
+    """In a pod the node's cores are visible but the CPU limit is what the readers get."""
+    import os
+
+    from mm_pipelines.models import common
+    from mm_pipelines.models.clip.encode import default_readers
+
+    cores = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    for text, expected in (
+        ("max 100000\n", cores),
+        ("150000 100000\n", min(cores, 2)),  # 1.5 CPUs: two, each throttled to 3/4
+        ("50000 100000\n", 1),
+        ("garbled\n", cores),
+    ):
+        cpu_max.write_text(text)
+        assert common.available_cpus(cpu_max) == expected, text
+    assert common.available_cpus(tmp_path / "no-cgroup-v2") == cores
+    cpu_max.write_text("100000 100000\n")
+    monkeypatch.setattr(common, "CGROUP_CPU_MAX", cpu_max)
+    assert default_readers() == 1

@@ -44,6 +44,7 @@ from mm_pipelines.models.clip.device_input import (
     prepare_batch,
 )
 from mm_pipelines.models.clip.loading import ClipBundle
+from mm_pipelines.models.common import available_cpus
 
 ImageSource = str | os.PathLike | bytes | Image.Image
 T = TypeVar("T")
@@ -112,13 +113,13 @@ def _collate(batch: list[tuple[int, torch.Tensor | None, str]]):
 def default_num_workers() -> int:
     """Worker processes of the "pil" path: decoding there competes with the model's CPU
     threads, so few."""
-    return min(4, max(1, (os.cpu_count() or 1)))
+    return min(4, available_cpus())
 
 
 def default_readers() -> int:
     """Worker processes of the "device" path: they only read files and decode what the
     GPU does not, and a GPU consumes thousands of images a second."""
-    return min(16, max(1, len(os.sched_getaffinity(0)) - 1))
+    return min(16, max(1, available_cpus() - 1))
 
 
 def lower_priority(_worker_id: int) -> None:

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mm_pipelines.models.common import available_cpus
+
 SAMPLE_RATE = 16_000
 PIPELINE_VERSION = "whisper_v1"  # bump when decoding options or post-processing change
 CHUNK_S = 30  # Whisper's window
@@ -278,7 +280,7 @@ def load_model(
     """
     spec = resolve_device(device, compute_type)
     model_dir = _model_dir(model, local_files_only)
-    threads = cpu_threads if cpu_threads is not None else len(os.sched_getaffinity(0))
+    threads = cpu_threads if cpu_threads is not None else available_cpus()
     version = f"{PIPELINE_VERSION}:{_model_label(model, model_dir)}:{_model_digest(model_dir)}"
     return _load(model_dir, spec, threads, version)
 
