@@ -359,11 +359,16 @@ def _input_stages(c: Check, bundle, files, paths, batch: int, workers: int) -> d
 
     out: dict[str, float] = {}
 
+    def batches(items: list, pin: bool, keep: bool = True) -> Iterator[list]:
+        # the encoder's readers (kept), or readers started for this call
+        return iter_raw_batches(
+            items, batch, workers, pin=pin, worker_init_fn=lower_priority, keep_workers=keep
+        )
+
     def read_rate(items: list, pin: bool, keep: bool = True) -> float:
         t0 = time.perf_counter()
         first = None
-        kept = {"keep_workers": keep, "worker_init_fn": lower_priority}  # encode's readers
-        for _ in iter_raw_batches(items, batch, workers, pin=pin, **kept):
+        for _ in batches(items, pin, keep):
             first = first or time.perf_counter() - t0
         out.setdefault("first_batch_s", round(first or 0.0, 3))
         return round(len(items) / (time.perf_counter() - t0), 1)
@@ -380,8 +385,7 @@ def _input_stages(c: Check, bundle, files, paths, batch: int, workers: int) -> d
         for p in pngs:
             decode(p)
         out[name] = round(1e3 * (time.perf_counter() - t0) / len(pngs), 2)
-    kept = {"keep_workers": True, "worker_init_fn": lower_priority}
-    raw = [b for b in iter_raw_batches(files, batch, workers, pin=c.cuda, **kept)]
+    raw = list(batches(files, c.cuda))
     jpegs = [p for b in raw for _, kind, p, _ in b if kind == "jpeg"]
     _, secs = timed(
         c,

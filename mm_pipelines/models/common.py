@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -30,8 +31,6 @@ def available_cpus(cpu_max: Path | None = None) -> int:
     """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a
     Kubernetes pod's CPU limit; `os.cpu_count()` there reports the node's cores, and 16
     reader processes in a 4-CPU pod would be throttled, not faster)."""
-    import os
-
     cpus = len(os.sched_getaffinity(0))
     try:
         quota, period = (cpu_max or CGROUP_CPU_MAX).read_text().split()[:2]

@@ -163,56 +163,60 @@ def _is_rgb_or_to_tensor(step: Callable) -> bool:
 # ----------------------------------------------------------------------------- readers
 
 
-def read_jpeg(source: object) -> bytearray | None:
-    """The bytes of a complete JPEG (start and end markers present); None for anything
-    else, which PIL then decodes: a truncated JPEG must fail the way it fails on CPU,
-    and nvJPEG would decode it into a half-grey image instead."""
+def read_signed(source: object, signatures: tuple[bytes, ...]) -> bytearray | None:
+    """The whole bytes of a source (path or bytes) that starts with one of `signatures`,
+    read in one open; None for anything else (no copy, no full read)."""
+    head = max(map(len, signatures))
     if isinstance(source, bytes | bytearray | memoryview):
-        data = bytearray(source)
-    elif isinstance(source, str | os.PathLike):
-        with open(source, "rb") as f:
-            if f.read(len(JPEG_SOI)) != JPEG_SOI:
-                return None
-            data = bytearray(os.fstat(f.fileno()).st_size)
-            f.seek(0)
-            del data[f.readinto(data) :]  # a file that shrank since fstat
-    else:
+        return bytearray(source) if bytes(source[:head]).startswith(signatures) else None
+    if not isinstance(source, str | os.PathLike):
         return None
-    # entropy-coded data stuffs every 0xFF, so FF D9 near the end is the real end marker
-    if data.startswith(JPEG_SOI) and JPEG_EOI in data[-32:]:
-        return data
-    return None
+    with open(source, "rb") as f:
+        if not f.read(head).startswith(signatures):
+            return None
+        data = bytearray(os.fstat(f.fileno()).st_size)
+        f.seek(0)
+        del data[f.readinto(data) :]  # a file that shrank since fstat
+    return data
 
 
-def read_png(source: object) -> torch.Tensor | None:
+def complete_jpeg(data: bytearray) -> bool:
+    """Start and end markers present. A truncated JPEG must fail the way it fails on CPU
+    (PIL), and nvJPEG would decode it into a half-grey image instead; entropy-coded data
+    stuffs every 0xFF, so FF D9 near the end is the real end marker."""
+    return data.startswith(JPEG_SOI) and JPEG_EOI in data[-32:]
+
+
+def read_jpeg(source: object) -> bytearray | None:
+    """The bytes of a complete JPEG; None for anything else, which PIL then decodes."""
+    data = read_signed(source, (JPEG_SOI,))
+    return data if data is not None and complete_jpeg(data) else None
+
+
+def decode_png(data: bytearray) -> torch.Tensor | None:
     """A PNG that libpng decodes exactly as PIL's ``convert("RGB")`` does (8 bits or
     fewer per sample, not interlaced), decoded to uint8 [3, H, W]; None for anything
     else, which PIL then decodes (16-bit PNGs come back as uint16 here, and any failure
     must carry PIL's message, as on the CPU path). libpng through torchvision takes
     about 3/4 of PIL's time (6.5 vs 8.7 ms for a 640x480 photo), and PNGs are the
     readers' main cost on a GPU box."""
-    from torchvision.io import ImageReadMode, decode_png
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_png as libpng
 
-    if isinstance(source, bytes | bytearray | memoryview):
-        if bytes(source[: len(PNG_SIGNATURE)]) != PNG_SIGNATURE:
-            return None
-        data = bytearray(source)
-    elif isinstance(source, str | os.PathLike):
-        with open(source, "rb") as f:
-            if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
-                return None
-            f.seek(0)
-            data = bytearray(f.read())
-    else:
-        return None
     # IHDR is the first chunk: bit depth at byte 24, interlace method at byte 28
     if not data.startswith(PNG_SIGNATURE) or len(data) < 29 or data[24] > 8 or data[28]:
         return None
     try:
-        pixels = decode_png(torch.frombuffer(data, dtype=torch.uint8), ImageReadMode.RGB)
+        pixels = libpng(torch.frombuffer(data, dtype=torch.uint8), ImageReadMode.RGB)
     except RuntimeError:
         return None
     return pixels if pixels.dtype == torch.uint8 else None
+
+
+def read_png(source: object) -> torch.Tensor | None:
+    """`decode_png` of a source that is a PNG; None for anything else."""
+    data = read_signed(source, (PNG_SIGNATURE,))
+    return None if data is None else decode_png(data)
 
 
 def pil_pixels(source: object) -> torch.Tensor:
@@ -230,15 +234,12 @@ def read_raw(index: int, source: object) -> RawItem:
     the rest by PIL); a source PIL cannot read comes back as its error message (never
     raised)."""
     try:
-        data = read_jpeg(source)
+        data = read_signed(source, (JPEG_SOI, PNG_SIGNATURE))  # one read for either
     except OSError:
         data = None  # unreadable: PIL below reports it as the CPU path does
-    if data is not None:
+    if data is not None and complete_jpeg(data):
         return index, "jpeg", torch.frombuffer(data, dtype=torch.uint8), ""
-    try:
-        pixels = read_png(source)
-    except OSError:
-        pixels = None
+    pixels = decode_png(data) if data is not None else None
     try:
         return index, "pixels", pixels if pixels is not None else pil_pixels(source), ""
     except Exception as exc:  # noqa: BLE001 - any decode failure is a per-item status
@@ -358,22 +359,30 @@ def reader_pool(
     """The process's kept readers, replaced by a larger (or other) set when a call needs it."""
     global _pool
     with _pool_lock:
-        if _pool is not None and _pool.pid != os.getpid():
-            _inherited.append(_pool)
-            _pool = None
-        if _pool is None or not _pool.serves(workers, pin, worker_init_fn):
-            _pool = ReaderPool(workers, pin, prefetch, worker_init_fn)  # the old one's workers exit
+        if (
+            _pool is None
+            or _pool.pid != os.getpid()
+            or not _pool.serves(workers, pin, worker_init_fn)
+        ):
+            _retire_pool()
+            _pool = ReaderPool(workers, pin, prefetch, worker_init_fn)
         return _pool
 
 
 def close_reader_pool() -> None:
     """Let the kept readers go (their processes exit); the next call that keeps workers
     starts new ones."""
-    global _pool
     with _pool_lock:
-        if _pool is not None and _pool.pid != os.getpid():
-            _inherited.append(_pool)
-        _pool = None
+        _retire_pool()
+
+
+def _retire_pool() -> None:
+    """Drop the kept pool (its workers exit with it), unless it is a fork's copy of the
+    parent's, which is kept aside instead. Under `_pool_lock`."""
+    global _pool
+    if _pool is not None and _pool.pid != os.getpid():
+        _inherited.append(_pool)
+    _pool = None
 
 
 def _tasks(sources: Sequence[object], chunk: int) -> list[tuple[int, Sequence[object]]]:
