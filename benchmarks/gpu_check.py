@@ -344,6 +344,13 @@ def part_clip_encode_vitb32(c: Check) -> dict[str, Any]:
     }
 
 
+def _libpng(path: str) -> object:
+    from torchvision.io import ImageReadMode, decode_png
+
+    data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+    return decode_png(data, ImageReadMode.RGB)
+
+
 def _input_stages(c: Check, bundle, files, paths, batch: int, workers: int) -> dict[str, float]:
     """Each stage of the device input path alone, in images/s: where the time goes when
     the end-to-end run falls short."""
@@ -380,7 +387,12 @@ def _input_stages(c: Check, bundle, files, paths, batch: int, workers: int) -> d
     out["read_jpeg_files_only"] = read_rate([p for p in paths if p.endswith(".jpg")], c.cuda)
     out["read_png_files_only"] = read_rate([p for p in paths if p.endswith(".png")], c.cuda)
     pngs = [p for p in files if p.endswith(".png")][:64]
-    for name, decode in (("png_decode_ms_one_process", read_png), ("png_pil_ms", pil_pixels)):
+    decoders = (
+        ("png_decode_ms_one_process", read_png),  # the readers' (Wuffs)
+        ("png_libpng_ms", _libpng),  # the readers' decoder before Wuffs
+        ("png_pil_ms", pil_pixels),
+    )
+    for name, decode in decoders:
         t0 = time.perf_counter()
         for p in pngs:
             decode(p)

@@ -13,7 +13,8 @@
 # Versions come from requirements.lock, except torchvision, which must be the release of
 # the box's torch (0.26.0 for torch 2.11; installed only where the box has none).
 #
-#   benchmarks/gpu_wheels.sh            (PYTHON=.venv/bin/python TORCHVISION=0.26.0)
+#   benchmarks/gpu_wheels.sh            (PYTHON=.venv/bin/python TORCHVISION=0.26.0
+#                                        PYTHON312=python3.12, with gcc: builds pywuffs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -45,6 +46,8 @@ fetch .whl/a "$(lock diffusers)" "$(lock open-clip-torch)" "$(lock ftfy)" "$(loc
   "$(lock requests)" "$(lock urllib3)" "$(lock idna)" "$(lock certifi)" \
   "$(lock charset-normalizer)"
 fetch .whl/a/optional "torchvision==$TORCHVISION"
+# pywuffs (the readers' PNG decoder) is published as source only: built here for 3.12
+"${PYTHON312:-python3.12}" -m pip wheel -q --no-deps -w .whl/a "$(lock pywuffs)"
 
 # run B: Whisper
 fetch .whl/payload "$(lock ctranslate2)" "$(lock faster-whisper)" "$(lock onnxruntime)" \

@@ -11,6 +11,7 @@ decodes JPEGs with PIL's draft mode; measured <= 5e-5 with a random ViT-B-32).
 from __future__ import annotations
 
 import io
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -226,17 +227,21 @@ def test_a_jpeg_the_gpu_decoder_refuses_is_decoded_by_pil(
 
 
 def _png_modes(folder: Path) -> dict[str, str]:
-    """One PNG per colour type PIL writes, 8 bits and fewer, plus a 16-bit one."""
+    """One PNG per colour type PIL writes, 8 bits and fewer, with and without
+    transparency, plus a 16-bit one."""
     rgb = _photo(8, 40, 30)
     rgba = np.array(rgb.convert("RGBA"))
     rgba[..., 3] = np.arange(40, dtype=np.uint8)[None, :] * 6
+    palette = rgb.convert("P")
+    used_index = int(np.asarray(palette)[0, 0])  # a transparent colour the image shows
     images = {
         "rgb": (rgb, {}),
+        "rgb_colour_key": (rgb, {"transparency": tuple(np.asarray(rgb)[0, 0].tolist())}),
         "rgba": (Image.fromarray(rgba), {}),
         "gray": (rgb.convert("L"), {}),
         "gray_alpha": (Image.fromarray(rgba).convert("LA"), {}),
-        "palette": (rgb.convert("P"), {}),
-        "palette_transparent": (rgb.convert("P"), {"transparency": 3}),
+        "palette": (palette, {}),
+        "palette_transparent": (palette, {"transparency": used_index}),
         "bilevel": (rgb.convert("1"), {}),
         "gray_16_bit": (Image.fromarray(np.arange(1200, dtype=np.uint16).reshape(30, 40) * 50), {}),
     }
@@ -246,14 +251,60 @@ def _png_modes(folder: Path) -> dict[str, str]:
 
 
 def test_pngs_decode_to_the_pixels_pil_gives(tmp_path: Path) -> None:
-    """Readers decode 8-bit PNGs with libpng (faster than PIL); every colour type gives
-    PIL's RGB pixels exactly, and what libpng would give otherwise (16 bits) goes to PIL."""
+    """Readers decode opaque 8-bit PNGs with Wuffs (faster than PIL); every colour type
+    gives PIL's RGB pixels exactly, and what Wuffs would give otherwise (transparency
+    blended, 16 bits) goes to PIL."""
+    by_pil = {"rgb_colour_key", "rgba", "gray_alpha", "palette_transparent", "gray_16_bit"}
     for name, path in _png_modes(tmp_path).items():
         _, kind, payload, error = read_raw(0, path)
         assert (kind, error) == ("pixels", ""), name
         assert payload.dtype == torch.uint8, name
         assert torch.equal(payload, pil_pixels(path)), name
-        assert (read_png(path) is not None) == (name != "gray_16_bit"), name  # libpng's?
+        assert (read_png(path) is None) == (name in by_pil), name  # Wuffs's or PIL's?
+
+
+def _damaged_pngs(folder: Path) -> dict[str, str]:
+    """A photo PNG damaged three ways: a wrong chunk checksum, a changed compressed
+    byte (its chunk checksum made right again), and the end cut off."""
+    good = io.BytesIO()
+    _photo(9, 64, 48).save(good, format="PNG")
+    data = good.getvalue()
+    idat = data.index(b"IDAT") - 4
+    length = int.from_bytes(data[idat : idat + 4], "big")
+    crc_at = idat + 8 + length
+
+    def with_crc(damaged: bytearray) -> bytearray:
+        damaged[crc_at : crc_at + 4] = zlib.crc32(damaged[idat + 4 : crc_at]).to_bytes(4, "big")
+        return damaged
+
+    bad_crc = bytearray(data)
+    bad_crc[crc_at] ^= 0xFF
+    bad_data = bytearray(data)
+    bad_data[idat + 8 + length // 2] ^= 0x10
+    damaged = {"bad_crc": bad_crc, "bad_data": with_crc(bad_data), "cut": data[:-60]}
+    paths = {}
+    for name, content in damaged.items():
+        paths[name] = str(folder / f"{name}.png")
+        Path(paths[name]).write_bytes(bytes(content))
+    return paths
+
+
+def test_damaged_pngs_read_as_pil_reads_them_and_spare_the_reader(tmp_path: Path) -> None:
+    """libpng through torchvision crashed the reader process on a wrong checksum (and
+    the whole call with it); the readers now leave damaged PNGs to PIL: the same pixels
+    or the same error as on the CPU path, and the call goes on."""
+    damaged = _damaged_pngs(tmp_path)
+    sources = list(damaged.values())
+    items = [item for batch in iter_raw_batches(sources, batch_size=4, workers=1) for item in batch]
+    assert [read_png(path) for path in sources] == [None, None, None]
+    for (_, kind, payload, error), path in zip(items, sources, strict=True):
+        try:
+            expected = pil_pixels(path)
+        except OSError as exc:
+            assert (kind, error) == ("error", f"{type(exc).__name__}: {exc}"), path
+        else:
+            assert kind == "pixels" and torch.equal(payload, expected), path
+    assert {item[1] for item in items} == {"pixels", "error"}  # PIL reads one, not all
 
 
 def test_kept_readers_serve_the_next_call_with_the_same_processes(

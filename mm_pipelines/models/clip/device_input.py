@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 JPEG_SOI = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
@@ -193,24 +194,72 @@ def read_jpeg(source: object) -> bytearray | None:
     return data if data is not None and complete_jpeg(data) else None
 
 
-def decode_png(data: bytearray) -> torch.Tensor | None:
-    """A PNG that libpng decodes exactly as PIL's ``convert("RGB")`` does (8 bits or
-    fewer per sample, not interlaced), decoded to uint8 [3, H, W]; None for anything
-    else, which PIL then decodes (16-bit PNGs come back as uint16 here, and any failure
-    must carry PIL's message, as on the CPU path). libpng through torchvision takes
-    about 3/4 of PIL's time (6.5 vs 8.7 ms for a 640x480 photo), and PNGs are the
-    readers' main cost on a GPU box."""
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_png as libpng
+class _PngDecoders(threading.local):
+    """One Wuffs PNG decoder per thread (a decoder is not thread-safe), checksums on."""
 
-    # IHDR is the first chunk: bit depth at byte 24, interlace method at byte 28
-    if not data.startswith(PNG_SIGNATURE) or len(data) < 29 or data[24] > 8 or data[28]:
+    def __init__(self) -> None:
+        from pywuffs import ImageDecoderQuirks, ImageDecoderType, PixelFormat
+        from pywuffs.aux import ImageDecoder, ImageDecoderConfig
+
+        config = ImageDecoderConfig()
+        config.enabled_decoders = [ImageDecoderType.PNG]
+        config.pixel_format = PixelFormat.RGB
+        # pywuffs turns checksums off for speed; a corrupt PNG must go to PIL instead
+        # (it costs ~2% here)
+        config.quirks = {ImageDecoderQuirks.IGNORE_CHECKSUM: 0}
+        self.decoder = ImageDecoder(config)
+
+
+_png_decoders = _PngDecoders()
+
+
+def decode_png(data: bytearray) -> torch.Tensor | None:
+    """A PNG that Wuffs decodes exactly as PIL's ``convert("RGB")`` does, decoded to uint8
+    [3, H, W]; None for anything else, which PIL then decodes: more than 8 bits per
+    sample, transparency (Wuffs blends it where PIL drops it), interlacing, more pixels
+    than PIL allows, and any failure (its error must carry PIL's message, as on the CPU
+    path, and PIL decides what a bad checksum means). PNGs are the readers' main cost on
+    a GPU box: Wuffs takes about 0.6 of libpng's time (4.4 vs 6.7 ms for a 640x480
+    photo, `benchmarks/bench_png_decode.py`), and libpng through torchvision crashes its
+    process on a PNG with a bad checksum."""
+    header = png_header(data)
+    if header is None:
         return None
-    try:
-        pixels = libpng(torch.frombuffer(data, dtype=torch.uint8), ImageReadMode.RGB)
-    except RuntimeError:
+    width, height, bit_depth, colour_type, interlaced = header
+    too_large = width * height > (Image.MAX_IMAGE_PIXELS or 2**62)
+    if (
+        bit_depth > 8
+        or colour_type in (4, 6)
+        or interlaced
+        or too_large
+        or b"tRNS" in _chunks_before_pixels(data)
+    ):
         return None
-    return pixels if pixels.dtype == torch.uint8 else None
+    result = _png_decoders.decoder.decode(bytes(data))
+    if result.error_message:
+        return None
+    return torch.from_numpy(result.pixbuf).permute(2, 0, 1)  # pixbuf is a fresh copy
+
+
+def png_header(data: bytes | bytearray) -> tuple[int, int, int, int, int] | None:
+    """(width, height, bit depth, colour type, interlace method) from a PNG's IHDR, which
+    is the first chunk; None for bytes that do not start as a PNG does."""
+    if not data.startswith(PNG_SIGNATURE) or len(data) < 29 or data[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return width, height, data[24], data[25], data[28]
+
+
+def _chunks_before_pixels(data: bytes | bytearray) -> list[bytes]:
+    """The chunk types ahead of the first IDAT (a PNG's tRNS must come before it)."""
+    types, pos = [], len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        kind = bytes(data[pos + 4 : pos + 8])
+        if kind == b"IDAT":
+            break
+        types.append(kind)
+        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
+    return types
 
 
 def read_png(source: object) -> torch.Tensor | None:
@@ -230,7 +279,7 @@ def pil_pixels(source: object) -> torch.Tensor:
 
 
 def read_raw(index: int, source: object) -> RawItem:
-    """A JPEG's bytes as they are, anything else decoded to uint8 (8-bit PNGs by libpng,
+    """A JPEG's bytes as they are, anything else decoded to uint8 (8-bit PNGs by Wuffs,
     the rest by PIL); a source PIL cannot read comes back as its error message (never
     raised)."""
     try:
@@ -250,8 +299,11 @@ def read_raw(index: int, source: object) -> RawItem:
 PackedItem = tuple[int, str, int, tuple[int, ...], str]
 
 
-def pack(items: list[RawItem]) -> tuple[torch.Tensor, list[PackedItem]]:
-    """Items -> one uint8 buffer (JPEG bytes, pixels height-width-channel) + where each is."""
+def pack(items: list[RawItem], shared: bool = False) -> tuple[torch.Tensor, list[PackedItem]]:
+    """Items -> one uint8 buffer (JPEG bytes, pixels height-width-channel) + where each is.
+    `shared`: the buffer is made in shared memory, as a reader process hands it over;
+    otherwise the DataLoader copies it there (measured 0.8 ms per 640x480 photo, about a
+    fifth of decoding a PNG)."""
     parts, meta, offset = [], [], 0
     for index, kind, payload, error in items:
         if payload is None:
@@ -261,8 +313,11 @@ def pack(items: list[RawItem]) -> tuple[torch.Tensor, list[PackedItem]]:
         meta.append((index, kind, offset, tuple(flat.shape), error))
         parts.append(flat.reshape(-1))
         offset += flat.numel()
-    buffer = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
-    return buffer, meta
+    buffer = torch.empty(0, dtype=torch.uint8)
+    if shared and offset:
+        # what PyTorch's default_collate does in a worker: concatenate into shared memory
+        buffer = buffer.new(buffer.untyped_storage()._new_shared(offset)).resize_(offset)
+    return torch.cat(parts, out=buffer) if parts else buffer, meta
 
 
 def unpack(buffer: torch.Tensor, meta: list[PackedItem]) -> list[RawItem]:
@@ -290,7 +345,8 @@ class ReadTasks(Dataset):
 
     def __getitem__(self, task: tuple[int, Sequence[object]]) -> tuple[torch.Tensor, list]:
         start, sources = task
-        return pack([read_raw(start + k, source) for k, source in enumerate(sources)])
+        items = [read_raw(start + k, source) for k, source in enumerate(sources)]
+        return pack(items, shared=get_worker_info() is not None)
 
 
 class _CurrentTasks(Sampler):
