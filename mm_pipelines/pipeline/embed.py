@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import psycopg
 
 from mm_pipelines.models.speech import audio_encoder as audio_embed
@@ -28,6 +27,8 @@ from mm_pipelines.storage.vectors import to_array
 
 if TYPE_CHECKING:  # torch and open_clip load inside the drivers: every step process imports
     # this module through the code location, most never run a model (~20 s per start here)
+    import pandas as pd  # ~1.3 s: only the steps that make or index the frame load it
+
     from mm_pipelines.models.clip.loading import ClipBundle
     from mm_pipelines.models.unified.projector import UnifiedProjector
 
@@ -305,6 +306,8 @@ def unified_frame(
             )
             raw.append(r["embedding"])
             spaces.append(_space(r["item_kind"]))
+    import pandas as pd
+
     frame = pd.DataFrame(rows)
     vectors: list[np.ndarray | None] = [None] * len(rows)
     for space in set(spaces):
@@ -327,6 +330,7 @@ def _space(item_kind: str) -> str:
 def vector_rows(frame: pd.DataFrame) -> list[vectors.VectorRow]:
     """DataFrame rows back to typed index rows (pandas turns missing numbers into NaN and
     integers into floats; the database wants NULL and int)."""
+    import pandas as pd
 
     def clean(column: str, value):
         if isinstance(value, np.ndarray):

@@ -2,10 +2,13 @@
 
 torch, open_clip and mlflow are imported inside the drivers' functions: every Dagster
 process (webserver, daemon, each run worker, each k8s step pod) loads this module, and
-importing them at module level added ~20 s to each of those starts."""
+importing them at module level added ~20 s to each of those starts. pandas likewise
+(~1.3 s): Dagster resolves these functions' annotations when the definitions load, so the
+batch's frame is typed `Any` here (a pandas DataFrame, `embed.UnifiedResult.frame`)."""
+
+from typing import Any
 
 import dagster as dg
-import pandas as pd
 
 from mm_pipelines.defs.common import GPU_STEP, RETRY, stop_on_interrupt
 from mm_pipelines.defs.partitions import batch_partitions
@@ -151,7 +154,7 @@ def unified_embeddings(
     catalog_db: CatalogResource,
     models: ModelsResource,
     compute: ComputeResource,
-) -> dg.Output[pd.DataFrame]:
+) -> dg.Output[Any]:
     result = embed.unified_batch(services(catalog_db, models=models, compute=compute),
                                  context.partition_key)  # fmt: skip
     return dg.Output(
@@ -172,7 +175,7 @@ def unified_embeddings(
     description="The batch's unified vectors in pgvector (HNSW, cosine), replaced atomically.",
 )
 def vector_index(
-    context: dg.AssetExecutionContext, unified_embeddings: pd.DataFrame, catalog_db: CatalogResource
+    context: dg.AssetExecutionContext, unified_embeddings: Any, catalog_db: CatalogResource
 ) -> dg.MaterializeResult:
     written, total = embed.index_batch(
         services(catalog_db), context.partition_key, unified_embeddings
