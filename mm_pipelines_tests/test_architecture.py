@@ -136,9 +136,9 @@ def test_asset_bodies_stay_thin() -> None:
 def test_loading_the_definitions_imports_no_ml_framework() -> None:
     """Dagster's code server, every step process (a pod on Kubernetes) and `mm` load the
     definitions; torch, open_clip and the rest load in the steps that use a model (they
-    took ~12 s of the ~18 s the definitions took to import on 2 cores)."""
+    took ~12 s of the ~18 s the definitions took to import on 2 cores; pandas ~1.6 s)."""
     heavy = ("torch", "torchvision", "open_clip", "diffusers", "transformers", "peft")
-    heavy += ("faster_whisper", "mlflow")
+    heavy += ("faster_whisper", "mlflow", "pandas")
     code = f"import sys, mm_pipelines.defs; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
