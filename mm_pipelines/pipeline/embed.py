@@ -27,7 +27,7 @@ from mm_pipelines.storage.vectors import to_array
 
 if TYPE_CHECKING:  # torch and open_clip load inside the drivers: every step process imports
     # this module through the code location, most never run a model (~20 s per start here)
-    import pandas as pd  # ~1.3 s: only the steps that make or index the frame load it
+    import pandas as pd  # ~1.6 s: only the steps that make or index the frame load it
 
     from mm_pipelines.models.clip.loading import ClipBundle
     from mm_pipelines.models.unified.projector import UnifiedProjector

@@ -3,7 +3,7 @@
 torch, open_clip and mlflow are imported inside the drivers' functions: every Dagster
 process (webserver, daemon, each run worker, each k8s step pod) loads this module, and
 importing them at module level added ~20 s to each of those starts. pandas likewise
-(~1.3 s): Dagster resolves these functions' annotations when the definitions load, so the
+(~1.6 s): Dagster resolves these functions' annotations when the definitions load, so the
 batch's frame is typed `Any` here (a pandas DataFrame, `embed.UnifiedResult.frame`)."""
 
 from typing import Any

@@ -219,7 +219,7 @@ def decode_png(data: bytearray) -> torch.Tensor | None:
     sample, transparency (Wuffs blends it where PIL drops it), interlacing, more pixels
     than PIL allows, and any failure (its error must carry PIL's message, as on the CPU
     path, and PIL decides what a bad checksum means). PNGs are the readers' main cost on
-    a GPU box: Wuffs takes about 0.6 of libpng's time (4.4 vs 6.7 ms for a 640x480
+    a GPU box: Wuffs takes about 0.7 of libpng's time (4.6 vs 6.7 ms for a 640x480
     photo, `benchmarks/bench_png_decode.py`), and libpng through torchvision crashes its
     process on a PNG with a bad checksum."""
     header = png_header(data)
