@@ -222,7 +222,7 @@ def decode_png(data: bytearray) -> torch.Tensor | None:
     a GPU box: Wuffs takes about 0.7 of libpng's time (4.6 vs 6.7 ms for a 640x480
     photo, `benchmarks/bench_png_decode.py`), and libpng through torchvision crashes its
     process on a PNG with a bad checksum."""
-    header = png_header(data)
+    header = _png_header(data)
     if header is None:
         return None
     width, height, bit_depth, colour_type, interlaced = header
@@ -241,7 +241,7 @@ def decode_png(data: bytearray) -> torch.Tensor | None:
     return torch.from_numpy(result.pixbuf).permute(2, 0, 1)  # pixbuf is a fresh copy
 
 
-def png_header(data: bytes | bytearray) -> tuple[int, int, int, int, int] | None:
+def _png_header(data: bytes | bytearray) -> tuple[int, int, int, int, int] | None:
     """(width, height, bit depth, colour type, interlace method) from a PNG's IHDR, which
     is the first chunk; None for bytes that do not start as a PNG does."""
     if not data.startswith(PNG_SIGNATURE) or len(data) < 29 or data[12:16] != b"IHDR":

@@ -141,25 +141,8 @@ def train_clip(
     precision: str | None = None,
     progress: ProgressFn | None = None,
     checkpoint_path: str | Path | None = None,
-    num_threads: int | None = None,
 ) -> TrainResult:
-    """Train from scratch; optionally save a checkpoint loadable by ``load_clip``.
-
-    ``num_threads`` caps torch's CPU threads for this call only. On a CPU shared with
-    other busy processes, 1 thread can be several times faster than 2 (threads spin at
-    every barrier waiting for a descheduled sibling); results do not depend on it beyond
-    float rounding.
-    """
-    previous_threads = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        return _train(config, device, precision, progress, checkpoint_path)
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def _train(config, device, precision, progress, checkpoint_path) -> TrainResult:
+    """Train from scratch; optionally save a checkpoint loadable by ``load_clip``."""
     register_tiny_architecture()
     dev = resolve_device(device)
     prec = resolve_precision(dev, precision)
