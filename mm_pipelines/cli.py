@@ -78,7 +78,7 @@ def _cmd_mlflow(args: argparse.Namespace) -> int:
     if (host, port) != mlflow_ui.ui_address():
         print(f"note: run links point at {links} (set MM_MLFLOW_UI to match)", flush=True)
     cmd = mlflow_ui.server_command(host, port, tracking, settings.mlflow_artifact_root())
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, settings.mlflow_server_environ())
     return 0  # unreachable
 
 

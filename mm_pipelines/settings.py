@@ -189,6 +189,17 @@ def apply_mlflow_http_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+# MLflow 3's server also starts a job runner (eight huey consumer processes) for GenAI jobs
+# this project never submits: measured here, ~1.4 GiB and ~30 CPU seconds more per start
+MLFLOW_SERVER_DEFAULTS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def mlflow_server_environ() -> dict[str, str]:
+    """The environment for an `mlflow server` we start: this one, with the server defaults
+    where the user set nothing."""
+    return {**MLFLOW_SERVER_DEFAULTS, **os.environ}
+
+
 def mlflow_http_settings() -> str:
     """The retry settings MLflow's HTTP client uses in this process, for error messages."""
     return ", ".join(f"{key}={env(key, 'unset')}" for key in MLFLOW_HTTP_DEFAULTS)

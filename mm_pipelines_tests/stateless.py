@@ -37,6 +37,7 @@ import requests
 import yaml
 from psycopg.conninfo import conninfo_to_dict
 
+from mm_pipelines import settings
 from mm_pipelines.pipeline import subjects
 from mm_pipelines.pipeline.sample_data import write_sample_batch
 from mm_pipelines.storage.landing import READY_MARKER
@@ -149,6 +150,7 @@ class MlflowServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env=settings.mlflow_server_environ(),  # as `mm mlflow` and the compose file run it
             )
         return cls(f"http://127.0.0.1:{port}", proc, log)
 

@@ -17,6 +17,7 @@ import dagster as dg
 import mlflow
 import numpy as np
 import pandas as pd
+import psutil
 import psycopg
 import pytest
 import requests
@@ -536,6 +537,14 @@ def test_mm_mlflow_serves_the_runs_the_compare_view_and_the_registry_over_rest(
     image = requests.get(url, timeout=60)
     assert image.ok and image.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert Image.open(io.BytesIO(image.content)).width > 500  # enlarged and labelled
+
+
+def test_mm_mlflow_serves_without_mlflows_job_runner(mlflow_ui, mlflow_process):
+    """MLflow 3's server starts a job runner of eight processes unless told not to; nothing
+    here submits MLflow jobs (settings.MLFLOW_SERVER_DEFAULTS)."""
+    commands = [" ".join(p.cmdline()) for p in psutil.Process(mlflow_process.pid).children(True)]
+    assert any("uvicorn" in c for c in commands), commands  # the server that answered
+    assert not [c for c in commands if "huey" in c or "jobs._job_runner" in c], commands
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium package is missing")
