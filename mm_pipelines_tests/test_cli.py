@@ -101,9 +101,33 @@ def test_the_demo_is_quiet_and_says_how_far_its_long_steps_are(demo):
     lora = [line for line in progress if "LoRA" in line]
     assert any("left" in line for line in lora), lora  # an estimate while it trains
     assert lora[-1].strip().startswith("LoRA orange-backdrop, step 300/300 (100%), done in")
-    assert len(lines) < 100, len(lines)
+    others = [line for line in lines if line not in progress]
+    # a line per step with its numbers, the summary, the sample searches: 67 when written
+    assert len(others) < 80, others
+    # progress comes at each quarter and at most every 10 s in between: how many lines a
+    # counter prints follows how long its step took (slower under load), not noise
+    for what, bar in _counters(progress).items():
+        took = sum(
+            _seconds(m) for m in re.findall(r"done in ([\d a-z]+?)(?:$| \()", "\n".join(bar), re.M)
+        )
+        ends = sum("done in" in line for line in bar)
+        assert len(bar) <= 6 * max(1, ends) + took / 10, (what, took, bar)
     summary = proc.stdout[proc.stdout.index("Done in") :].split("\n\n")[0].splitlines()
     assert 4 <= len(summary) <= 10, summary  # read in ten seconds
+
+
+def _counters(progress: list[str]) -> dict[str, list[str]]:
+    """Progress lines by what they count (the words before `done/total`)."""
+    bars: dict[str, list[str]] = {}
+    for line in progress:
+        bars.setdefault(re.split(r" \d+/\d+ \(", line.strip())[0], []).append(line)
+    return bars
+
+
+def _seconds(text: str) -> float:
+    """`42 s`, `3 min 05 s`, `1 h 02 min` (pipeline/progress.duration) in seconds."""
+    unit = {"h": 3600, "min": 60, "s": 1}
+    return sum(int(n) * unit[u] for n, u in re.findall(r"(\d+) (h|min|s)\b", text))
 
 
 def test_a_second_demo_redoes_nothing(demo):
