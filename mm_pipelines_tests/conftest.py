@@ -16,12 +16,24 @@ import pytest
 import torch
 from psycopg.conninfo import make_conninfo
 
+from mm_pipelines_tests import scheduling
+
 # One intra-op thread for the torch work the tests do in this process, for the whole
 # session: on 2 cores shared with the step processes and servers the tests start, two
 # threads spin at every barrier whenever another process holds a core (base training
 # measured ~4x slower under load). On an idle machine it costs a little: the demo CLIP
 # fixture trained in 107 s with one thread, 62-69 s with two (measured here).
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    scheduling.longest_first(items)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """`--dist loadfile` (pyproject's addopts): modules, the demo's state as one unit."""
+    return scheduling.make_scheduler(config, log) if config.getvalue("dist") == "loadfile" else None
 
 
 @pytest.fixture(autouse=True)
