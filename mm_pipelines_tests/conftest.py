@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import os
+import pickle
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -50,13 +55,22 @@ def _no_leaked_tracking_uri() -> Iterator[None]:
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
+def outside_pytests_tmp(prefix: str) -> Path:
+    """A directory for an embedded Postgres's data. Not under pytest's tmp root: a pytest
+    session started meanwhile on this machine resets that root to 0700, and the server (run
+    as its own system user under root) then loses its data directory and shuts down."""
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
 @pytest.fixture(scope="session")
-def pg_server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_server_dsn() -> Iterator[str]:
     import pgserver
 
-    server = pgserver.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete")
+    root = outside_pytests_tmp("mm-test-pg-")
+    server = pgserver.get_server(root / "data", cleanup_mode="delete")
     yield server.get_uri()
     server.cleanup()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def new_database(server_dsn: str) -> str:
@@ -113,22 +127,53 @@ def mm_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+def built_once(
+    tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]
+) -> Path:
+    """The directory `name`, filled by `build` once per test run: the xdist workers share
+    the run's temporary root, the first to ask builds while the others wait, then all read
+    it (nothing writes to it afterwards). A worker that dies building leaves no marker."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # <run>/popen-gwN -> <run>
+    out, marker = root / "built" / name, root / "built" / f"{name}.done"
+    out.parent.mkdir(exist_ok=True)
+    with open(root / "built" / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes or its holder dies
+        if not marker.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            build(out)
+            marker.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def demo_clip(tmp_path_factory: pytest.TempPathFactory):
-    """The tiny CLIP trained exactly as `mm demo` trains it (once per test session);
-    a TrainResult whose `checkpoint_path` holds the weights."""
+    """The tiny CLIP trained exactly as `mm demo` trains it (once per test run); a
+    TrainResult whose `checkpoint_path` holds the weights and whose `bundle` is loaded from
+    them, so every worker has the same model."""
+    from mm_pipelines.models.clip.loading import load_clip
     from mm_pipelines.models.demo.tiny_clip import DEMO_TRAIN_CONFIG, train_clip
 
-    path = tmp_path_factory.mktemp("demo_clip") / "open_clip_model.safetensors"
-    return train_clip(DEMO_TRAIN_CONFIG, device="cpu", checkpoint_path=path)
+    def train(out: Path) -> None:
+        path = out / "open_clip_model.safetensors"
+        result = train_clip(DEMO_TRAIN_CONFIG, device="cpu", checkpoint_path=path)
+        (out / "result.pickle").write_bytes(pickle.dumps(dataclasses.replace(result, bundle=None)))
+
+    result = pickle.loads(
+        (built_once(tmp_path_factory, "demo_clip", train) / "result.pickle").read_bytes()
+    )
+    bundle = load_clip(result.config.architecture, result.checkpoint_path, device="cpu")
+    return dataclasses.replace(result, bundle=bundle)
 
 
 @pytest.fixture(scope="session")
 def base_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny diffusion base pipeline trained on drawn shapes (32 px), once per session."""
+    """The tiny diffusion base pipeline trained on drawn shapes (32 px), once per test run."""
     from mm_pipelines_tests.models.conftest_diffusion import make_base_pipeline_dir
 
-    return make_base_pipeline_dir(tmp_path_factory)
+    return built_once(tmp_path_factory, "base_pipeline", make_base_pipeline_dir)
 
 
 MM = str(Path(sys.executable).parent / "mm")
@@ -142,7 +187,8 @@ def run_mm(*args: str, env: dict[str, str], timeout: int = 600) -> subprocess.Co
 def demo(tmp_path_factory, demo_clip, base_pipeline_dir):
     """`mm demo` run once in a fresh MM_HOME, shared by every test that looks at its state
     (test_cli.py, test_everyday.py); (finished process, its environment)."""
-    home = tmp_path_factory.mktemp("demo") / "mm"
+    root = outside_pytests_tmp("mm-test-demo-")  # its state includes an embedded Postgres
+    home = root / "mm"
     # the demo CLIP and the tiny diffusion base of this test session stand in for the ones
     # `mm demo` would train (their training assets are tested on their own)
     env = {
@@ -165,6 +211,7 @@ def demo(tmp_path_factory, demo_clip, base_pipeline_dir):
     proc = run_mm("demo", env=env, timeout=1500)
     yield proc, env
     run_mm("db", "stop", env=env)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -177,7 +224,11 @@ def family_base_dir(base_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFa
 
     def get(family: str) -> Path:
         if family not in built:
-            built[family] = make_family_base_dir(family, base_pipeline_dir, tmp_path_factory)
+            built[family] = built_once(
+                tmp_path_factory,
+                f"base_{family}",
+                lambda out: make_family_base_dir(family, base_pipeline_dir, out),
+            )
         return built[family]
 
     return get

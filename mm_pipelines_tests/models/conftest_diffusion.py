@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import torch
 from PIL import Image, ImageDraw
 
@@ -120,10 +119,10 @@ def torch_threads(n: int = 1) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def make_base_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Train the tiny base pipeline on the shapes set and save it (~1-2 CPU minutes)."""
+def make_base_pipeline_dir(out: Path) -> None:
+    """Train the tiny base pipeline on the shapes set and save it into `out` (~1-2 CPU
+    minutes)."""
     images, captions = shapes_dataset()
-    out = tmp_path_factory.mktemp("base_pipeline")
     with torch_threads(1):
         result = train_base_pipeline(
             images,
@@ -134,7 +133,6 @@ def make_base_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             output_dir=out,
         )
     assert result.unet_losses[-1] < result.unet_losses[0]
-    return out
 
 
 # SDXL/SD3/FLUX tiny bases: the SD base's trained VAE, the family's denoiser trained
@@ -143,15 +141,13 @@ def make_base_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 FAMILY_BASE_TRAIN = BaseTrainConfig(unet_steps=200, seed=0)
 
 
-def make_family_base_dir(
-    family: str, sd_base_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    """Train a tiny `family` base on the shapes set around the SD base's VAE and save it."""
+def make_family_base_dir(family: str, sd_base_dir: Path, out: Path) -> None:
+    """Train a tiny `family` base on the shapes set around the SD base's VAE and save it
+    into `out`."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(sd_base_dir / "vae", local_files_only=True)
     images, captions = shapes_dataset()
-    out = tmp_path_factory.mktemp(f"base_{family}")
     with torch_threads(1):
         result = train_base_pipeline(
             images,
@@ -164,4 +160,3 @@ def make_family_base_dir(
             output_dir=out,
         )
     assert result.unet_losses[-1] < result.unet_losses[0]
-    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import socket
 
@@ -15,6 +16,7 @@ from mm_pipelines.models.demo.tiny_clip import (
     DEMO_TRAIN_CONFIG,
     evaluate_on_heldout,
     evaluate_text_to_image_recall,
+    train_clip,
 )
 
 LONG_TEXT = " ".join(
@@ -36,13 +38,17 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-def test_saved_checkpoint_reloads_offline_with_identical_vectors(demo_clip, tmp_path, no_network):
+def test_saved_checkpoint_reloads_offline_with_identical_vectors(tmp_path, no_network):
+    # a model of its own, still in memory as training left it (the session's demo CLIP is
+    # shared between workers as its checkpoint, so its bundle is already a reload)
+    short = dataclasses.replace(DEMO_TRAIN_CONFIG, steps=8, warmup_steps=2, images_per_combo=2)
+    result = train_clip(short, device="cpu", checkpoint_path=tmp_path / "clip.safetensors")
     images, captions = shapes.heldout_split(n=16, size_px=48)
-    trained = demo_clip.bundle
+    trained = result.bundle
     expected_img = encode_images(trained, images, num_workers=0).vectors
     expected_txt = encode_texts(trained, captions).vectors
 
-    from_file = load_clip(TINY_ARCH, demo_clip.checkpoint_path, device="cpu")
+    from_file = load_clip(TINY_ARCH, result.checkpoint_path, device="cpu")
     local_dir = save_local_dir(trained.model, TINY_ARCH, tmp_path / "model")
     from_dir = load_clip(TINY_ARCH, local_dir, device="cpu")
     for loaded in (from_file, from_dir):
@@ -52,7 +58,7 @@ def test_saved_checkpoint_reloads_offline_with_identical_vectors(demo_clip, tmp_
         np.testing.assert_array_equal(encode_texts(loaded, captions).vectors, expected_txt)
         # The version names the weights, so both forms of the same weights agree.
         assert loaded.model_version == trained.model_version
-    assert demo_clip.checkpoint_sha256[:16] in trained.model_version
+    assert result.checkpoint_sha256[:16] in trained.model_version
 
 
 def test_long_text_is_chunked_never_truncated():
