@@ -190,7 +190,8 @@ def apply_mlflow_http_defaults() -> None:
 
 
 # MLflow 3's server also starts a job runner (eight huey consumer processes) for GenAI jobs
-# this project never submits: measured here, ~1.4 GiB and ~30 CPU seconds more per start
+# this project never submits: ~1.3 GiB and ~40 CPU seconds more per start (measured:
+# benchmarks/bench_mlflow_server.py)
 MLFLOW_SERVER_DEFAULTS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
