@@ -29,11 +29,6 @@ from mm_pipelines_tests import scheduling
 # measured ~4x slower under load). On an idle machine it costs a little: the demo CLIP
 # fixture trained in 107 s with one thread, 62-69 s with two (measured here).
 torch.set_num_threads(1)
-# The same share for the processes the tests start (`mm demo`, `dagster dev`, step
-# processes): under `-n 2` a worker's share of 2 cores is one; torch's default of a thread
-# per core in each of them oversubscribes the cores whenever both workers are busy.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -189,9 +184,9 @@ def run_mm(*args: str, env: dict[str, str], timeout: int = 600) -> subprocess.Co
 
 
 @pytest.fixture(scope="session")
-def demo(demo_clip, base_pipeline_dir):
+def demo(tmp_path_factory, demo_clip, base_pipeline_dir):
     """`mm demo` run once in a fresh MM_HOME, shared by every test that looks at its state
-    (the modules of scheduling.DEMO_STATE, one worker); (finished process, its environment)."""
+    (test_cli.py, test_everyday.py); (finished process, its environment)."""
     root = outside_pytests_tmp("mm-test-demo-")  # its state includes an embedded Postgres
     home = root / "mm"
     # the demo CLIP and the tiny diffusion base of this test session stand in for the ones
