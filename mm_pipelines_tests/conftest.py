@@ -184,9 +184,9 @@ def run_mm(*args: str, env: dict[str, str], timeout: int = 600) -> subprocess.Co
 
 
 @pytest.fixture(scope="session")
-def demo(tmp_path_factory, demo_clip, base_pipeline_dir):
+def demo(demo_clip, base_pipeline_dir):
     """`mm demo` run once in a fresh MM_HOME, shared by every test that looks at its state
-    (test_cli.py, test_everyday.py); (finished process, its environment)."""
+    (the modules of scheduling.DEMO_STATE, one worker); (finished process, its environment)."""
     root = outside_pytests_tmp("mm-test-demo-")  # its state includes an embedded Postgres
     home = root / "mm"
     # the demo CLIP and the tiny diffusion base of this test session stand in for the ones
