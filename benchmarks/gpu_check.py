@@ -354,6 +354,8 @@ def _libpng(path: str) -> object:
 def _input_stages(c: Check, bundle, files, paths, batch: int, workers: int) -> dict[str, float]:
     """Each stage of the device input path alone, in images/s: where the time goes when
     the end-to-end run falls short."""
+    from bench_png_decode import wuffs
+
     from mm_pipelines.models.clip.device_input import (
         DevicePreprocess,
         decode_jpegs,
@@ -388,8 +390,9 @@ def _input_stages(c: Check, bundle, files, paths, batch: int, workers: int) -> d
     out["read_png_files_only"] = read_rate([p for p in paths if p.endswith(".png")], c.cuda)
     pngs = [p for p in files if p.endswith(".png")][:64]
     decoders = (
-        ("png_decode_ms_one_process", read_png),  # the readers' (Wuffs)
-        ("png_libpng_ms", _libpng),  # the readers' decoder before Wuffs
+        ("png_decode_ms_one_process", read_png),  # the readers' (ISA-L inflates, Wuffs unfilters)
+        ("png_wuffs_ms", lambda p: wuffs(bytearray(Path(p).read_bytes()))),  # the one before
+        ("png_libpng_ms", _libpng),  # the readers' decoder in the H100 runs 1-5
         ("png_pil_ms", pil_pixels),
     )
     for name, decode in decoders:

@@ -44,7 +44,7 @@ mkdir -p .whl/a/optional .whl/b1 .whl/b2 .whl/payload
 # run A: what models/ and serving/export import beyond the box (diffusers needs requests)
 fetch .whl/a "$(lock diffusers)" "$(lock open-clip-torch)" "$(lock ftfy)" "$(lock wcwidth)" \
   "$(lock requests)" "$(lock urllib3)" "$(lock idna)" "$(lock certifi)" \
-  "$(lock charset-normalizer)"
+  "$(lock charset-normalizer)" "$(lock isal)"
 fetch .whl/a/optional "torchvision==$TORCHVISION"
 # pywuffs (the readers' PNG decoder) is published as source only: built here for 3.12
 "${PYTHON312:-python3.12}" -m pip wheel -q --no-deps -w .whl/a "$(lock pywuffs)"

@@ -251,16 +251,16 @@ def _png_modes(folder: Path) -> dict[str, str]:
 
 
 def test_pngs_decode_to_the_pixels_pil_gives(tmp_path: Path) -> None:
-    """Readers decode opaque 8-bit PNGs with Wuffs (faster than PIL); every colour type
-    gives PIL's RGB pixels exactly, and what Wuffs would give otherwise (transparency
-    blended, 16 bits) goes to PIL."""
+    """Readers decode opaque 8-bit PNGs with `decode_png` (ISA-L + Wuffs, faster than
+    PIL); every colour type gives PIL's RGB pixels exactly, and what Wuffs would give
+    otherwise (transparency blended, 16 bits) goes to PIL."""
     by_pil = {"rgb_colour_key", "rgba", "gray_alpha", "palette_transparent", "gray_16_bit"}
     for name, path in _png_modes(tmp_path).items():
         _, kind, payload, error = read_raw(0, path)
         assert (kind, error) == ("pixels", ""), name
         assert payload.dtype == torch.uint8, name
         assert torch.equal(payload, pil_pixels(path)), name
-        assert (read_png(path) is None) == (name in by_pil), name  # Wuffs's or PIL's?
+        assert (read_png(path) is None) == (name in by_pil), name  # ours or PIL's?
 
 
 def _damaged_pngs(folder: Path) -> dict[str, str]:

@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from mm_pipelines.models.clip.png import PNG_SIGNATURE, decode_png
 
 JPEG_SOI = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG bytes per decode call: bounds the full-size images held at once (JPEGs compress
 # ~10x, so ~300 MB decoded; a batch of 640x480 photos is one call, of 12 MP photos a few)
 DECODE_BYTES = 32 << 20
@@ -194,74 +194,6 @@ def read_jpeg(source: object) -> bytearray | None:
     return data if data is not None and complete_jpeg(data) else None
 
 
-class _PngDecoders(threading.local):
-    """One Wuffs PNG decoder per thread (a decoder is not thread-safe), checksums on."""
-
-    def __init__(self) -> None:
-        from pywuffs import ImageDecoderQuirks, ImageDecoderType, PixelFormat
-        from pywuffs.aux import ImageDecoder, ImageDecoderConfig
-
-        config = ImageDecoderConfig()
-        config.enabled_decoders = [ImageDecoderType.PNG]
-        config.pixel_format = PixelFormat.RGB
-        # pywuffs turns checksums off for speed; a corrupt PNG must go to PIL instead
-        # (it costs ~2% here)
-        config.quirks = {ImageDecoderQuirks.IGNORE_CHECKSUM: 0}
-        self.decoder = ImageDecoder(config)
-
-
-_png_decoders = _PngDecoders()
-
-
-def decode_png(data: bytearray) -> torch.Tensor | None:
-    """A PNG that Wuffs decodes exactly as PIL's ``convert("RGB")`` does, decoded to uint8
-    [3, H, W]; None for anything else, which PIL then decodes: more than 8 bits per
-    sample, transparency (Wuffs blends it where PIL drops it), interlacing, more pixels
-    than PIL allows, and any failure (its error must carry PIL's message, as on the CPU
-    path, and PIL decides what a bad checksum means). PNGs are the readers' main cost on
-    a GPU box: Wuffs takes about 0.7 of libpng's time (4.6 vs 6.7 ms for a 640x480
-    photo, `benchmarks/bench_png_decode.py`), and libpng through torchvision crashes its
-    process on a PNG with a bad checksum."""
-    header = _png_header(data)
-    if header is None:
-        return None
-    width, height, bit_depth, colour_type, interlaced = header
-    too_large = width * height > (Image.MAX_IMAGE_PIXELS or 2**62)
-    if (
-        bit_depth > 8
-        or colour_type in (4, 6)
-        or interlaced
-        or too_large
-        or b"tRNS" in _chunks_before_pixels(data)
-    ):
-        return None
-    result = _png_decoders.decoder.decode(bytes(data))
-    if result.error_message:
-        return None
-    return torch.from_numpy(result.pixbuf).permute(2, 0, 1)  # pixbuf is a fresh copy
-
-
-def _png_header(data: bytes | bytearray) -> tuple[int, int, int, int, int] | None:
-    """(width, height, bit depth, colour type, interlace method) from a PNG's IHDR, which
-    is the first chunk; None for bytes that do not start as a PNG does."""
-    if not data.startswith(PNG_SIGNATURE) or len(data) < 29 or data[12:16] != b"IHDR":
-        return None
-    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    return width, height, data[24], data[25], data[28]
-
-
-def _chunks_before_pixels(data: bytes | bytearray) -> list[bytes]:
-    """The chunk types ahead of the first IDAT (a PNG's tRNS must come before it)."""
-    types, pos = [], len(PNG_SIGNATURE)
-    while pos + 8 <= len(data):
-        kind = bytes(data[pos + 4 : pos + 8])
-        if kind == b"IDAT":
-            break
-        types.append(kind)
-        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
-    return types
-
-
 def read_png(source: object) -> torch.Tensor | None:
     """`decode_png` of a source that is a PNG; None for anything else."""
     data = read_signed(source, (PNG_SIGNATURE,))
@@ -279,9 +211,9 @@ def pil_pixels(source: object) -> torch.Tensor:
 
 
 def read_raw(index: int, source: object) -> RawItem:
-    """A JPEG's bytes as they are, anything else decoded to uint8 (8-bit PNGs by Wuffs,
-    the rest by PIL); a source PIL cannot read comes back as its error message (never
-    raised)."""
+    """A JPEG's bytes as they are, anything else decoded to uint8 (opaque 8-bit PNGs by
+    `decode_png`, the rest by PIL); a source PIL cannot read comes back as its error
+    message (never raised)."""
     try:
         data = read_signed(source, (JPEG_SOI, PNG_SIGNATURE))  # one read for either
     except OSError:
