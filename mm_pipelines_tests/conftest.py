@@ -33,6 +33,7 @@ torch.set_num_threads(1)
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     scheduling.longest_first(items)
+    scheduling.give_the_demo_time(items)
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist

@@ -18,6 +18,10 @@ import pytest
 # the modules sharing the `demo` fixture's state, in the order they read and change it
 DEMO_STATE = ("test_cli.py", "test_everyday.py", "test_everyday_serving.py")
 DEMO_UNIT = "the modules on the state of `mm demo`"
+# seconds a test of those modules may take: the first to ask for `mm demo` pays for it (and,
+# on a fresh worker, for the demo CLIP and diffusion base it uses): 13-15 min while the
+# other worker is busy, past the suite's 900 s per test
+DEMO_TIMEOUT_S = 2400
 
 # longest first: one graph in step processes, `mm demo` and its readers, the graph from the
 # UI, a subject's pipeline, the fault runs, the diffusion families
@@ -45,6 +49,13 @@ def longest_first(items: list[pytest.Item]) -> None:
     collected (a stable sort: tests keep their order inside a module)."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(module_name(item.nodeid), len(rank)))
+
+
+def give_the_demo_time(items: list[pytest.Item]) -> None:
+    """The modules on the demo's state get `DEMO_TIMEOUT_S` a test."""
+    for item in items:
+        if module_name(item.nodeid) in DEMO_STATE:
+            item.add_marker(pytest.mark.timeout(DEMO_TIMEOUT_S))
 
 
 def make_scheduler(config: pytest.Config, log: object) -> object:

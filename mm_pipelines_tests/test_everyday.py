@@ -21,11 +21,6 @@ import pytest
 from mm_pipelines.pipeline import sample_data
 from mm_pipelines_tests.conftest import run_mm
 
-# the first test to ask for the session's `mm demo` pays for it (and for the demo CLIP and
-# diffusion base it uses, when its worker builds them): 13-15 min while the other worker is
-# busy, past the suite's 900 s per test
-pytestmark = pytest.mark.timeout(2400)
-
 SUBJECT_MODEL = "mm-lora-orange-backdrop"
 HELDOUT = "heldout-0001"
 

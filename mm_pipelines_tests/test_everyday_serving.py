@@ -20,11 +20,6 @@ from PIL import Image
 
 from mm_pipelines_tests.conftest import run_mm
 
-# the first test to ask for the session's `mm demo` pays for it (and for the demo CLIP and
-# diffusion base it uses, when its worker builds them): 13-15 min while the other worker is
-# busy, past the suite's 900 s per test
-pytestmark = pytest.mark.timeout(2400)
-
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -47,3 +47,20 @@ def test_the_longest_modules_come_first_and_the_rest_keep_their_order() -> None:
         "mm_pipelines_tests/models/test_clip.py::test_b",
         "mm_pipelines_tests/models/test_clip.py::test_a",
     ]
+
+
+def test_only_the_modules_on_the_demos_state_get_its_time() -> None:
+    class Item:
+        def __init__(self, nodeid: str) -> None:
+            self.nodeid, self.markers = nodeid, []
+
+        def add_marker(self, marker: object) -> None:
+            self.markers.append(marker)
+
+    items = [Item(f"mm_pipelines_tests/{name}::test_x") for name in scheduling.DEMO_STATE]
+    other = Item("mm_pipelines_tests/models/test_clip.py::test_a")
+    scheduling.give_the_demo_time([*items, other])  # type: ignore[list-item]
+    for item in items:
+        [marker] = item.markers
+        assert (marker.name, marker.args) == ("timeout", (scheduling.DEMO_TIMEOUT_S,))
+    assert other.markers == []
