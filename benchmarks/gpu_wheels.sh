@@ -6,6 +6,7 @@
 #   .whl/a    run A (every torch part): its wheels, + part 1 of the Whisper payload
 #   .whl/b1   part 2 of the Whisper payload (a transfer-only call)
 #   .whl/b2   part 3 + its checksum (run B: the Whisper parts)
+#   .whl/clip run A's wheels alone (gpu_clip_input.sh: issue 17's CLIP input measurement)
 # The Whisper payload (ctranslate2, faster-whisper, onnxruntime for the VAD, the tiny.en
 # model wheel, and the shipped speech clips decoded to 16 kHz: the box has no PyAV) is
 # ~132 MiB, more than two calls can carry. See benchmarks/GPU_CHECK.md.
@@ -38,8 +39,8 @@ fetch() { # fetch DIR SPEC...: Python 3.12 manylinux x86_64 wheels, no dependenc
 }
 bytes() { du -cb "$@" | tail -1 | cut -f1; }
 
-rm -rf .whl/a .whl/b1 .whl/b2 .whl/payload
-mkdir -p .whl/a/optional .whl/b1 .whl/b2 .whl/payload
+rm -rf .whl/a .whl/b1 .whl/b2 .whl/clip .whl/payload
+mkdir -p .whl/a/optional .whl/b1 .whl/b2 .whl/clip/optional .whl/payload
 
 # run A: what models/ and serving/export import beyond the box (diffusers needs requests)
 fetch .whl/a "$(lock diffusers)" "$(lock open-clip-torch)" "$(lock ftfy)" "$(lock wcwidth)" \
@@ -48,6 +49,8 @@ fetch .whl/a "$(lock diffusers)" "$(lock open-clip-torch)" "$(lock ftfy)" "$(loc
 fetch .whl/a/optional "torchvision==$TORCHVISION"
 # pywuffs (the readers' PNG decoder) is published as source only: built here for 3.12
 "${PYTHON312:-python3.12}" -m pip wheel -q --no-deps -w .whl/a "$(lock pywuffs)"
+# the CLIP input measurement alone (gpu_clip_input.sh): run A's wheels, no Whisper part
+cp .whl/a/*.whl .whl/clip/ && cp .whl/a/optional/*.whl .whl/clip/optional/
 
 # run B: Whisper
 fetch .whl/payload "$(lock ctranslate2)" "$(lock faster-whisper)" "$(lock onnxruntime)" \
@@ -89,7 +92,7 @@ cut_part .whl/b2/whisper.part-3 $((part1 + part2))
 rm .whl/whisper.tar
 
 echo "working tree: $((tree / 1024)) KiB"
-for d in a b1 b2; do
+for d in a b1 b2 clip; do
   echo "== .whl/$d: $(($(bytes .whl/$d) / 1024)) KiB (+ tree; limit 65536 KiB)"
 done
 ls -l .whl/a .whl/a/optional .whl/b1 .whl/b2
