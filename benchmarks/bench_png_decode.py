@@ -42,19 +42,12 @@ from mm_pipelines.models.clip.device_input import (
     pil_pixels,
     read_signed,
 )
-from mm_pipelines.models.clip.png import PNG_SIGNATURE, png_header
+from mm_pipelines.models.clip.png import PNG_SIGNATURE, png_header, wuffs_png_decoder
 
 
 @functools.cache
 def _wuffs_decoder() -> object:
-    from pywuffs import ImageDecoderQuirks, ImageDecoderType, PixelFormat
-    from pywuffs.aux import ImageDecoder, ImageDecoderConfig
-
-    config = ImageDecoderConfig()
-    config.enabled_decoders = [ImageDecoderType.PNG]
-    config.pixel_format = PixelFormat.RGB
-    config.quirks = {ImageDecoderQuirks.IGNORE_CHECKSUM: 0}
-    return ImageDecoder(config)
+    return wuffs_png_decoder(verify_checksums=True)
 
 
 def wuffs(data: bytearray) -> torch.Tensor | None:

@@ -344,17 +344,10 @@ def part_clip_encode_vitb32(c: Check) -> dict[str, Any]:
     }
 
 
-def _libpng(path: str) -> object:
-    from torchvision.io import ImageReadMode, decode_png
-
-    data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-    return decode_png(data, ImageReadMode.RGB)
-
-
 def _input_stages(c: Check, bundle, files, paths, batch: int, workers: int) -> dict[str, float]:
     """Each stage of the device input path alone, in images/s: where the time goes when
     the end-to-end run falls short."""
-    from bench_png_decode import wuffs
+    from bench_png_decode import libpng, wuffs
 
     from mm_pipelines.models.clip.device_input import (
         DevicePreprocess,
@@ -392,7 +385,7 @@ def _input_stages(c: Check, bundle, files, paths, batch: int, workers: int) -> d
     decoders = (
         ("png_decode_ms_one_process", read_png),  # the readers' (ISA-L inflates, Wuffs unfilters)
         ("png_wuffs_ms", lambda p: wuffs(bytearray(Path(p).read_bytes()))),  # the one before
-        ("png_libpng_ms", _libpng),  # the readers' decoder in the H100 runs 1-5
+        ("png_libpng_ms", lambda p: libpng(bytearray(Path(p).read_bytes()))),  # H100 runs 1-5
         ("png_pil_ms", pil_pixels),
     )
     for name, decode in decoders:

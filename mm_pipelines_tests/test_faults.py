@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,7 +46,7 @@ from mm_pipelines.defs.resources import (
 from mm_pipelines.storage.postgres import ensure_schema
 from mm_pipelines.storage.vectors import COLUMNS
 from mm_pipelines_tests import bad_media
-from mm_pipelines_tests.conftest import new_database
+from mm_pipelines_tests.conftest import new_database, outside_pytests_tmp
 from mm_pipelines_tests.small_disk import small_disk_at
 
 pytestmark = pytest.mark.faults
@@ -112,10 +113,12 @@ class KillablePostgres:
 
 
 @pytest.fixture(scope="module")
-def killable(tmp_path_factory) -> Iterator[KillablePostgres]:
-    pg = KillablePostgres(tmp_path_factory.mktemp("killable") / "data")
+def killable() -> Iterator[KillablePostgres]:
+    root = outside_pytests_tmp("mm-test-killable-")  # as the session's server, and why
+    pg = KillablePostgres(root / "data")
     yield pg
     pg.server.cleanup()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 class KillWhenBlocked(threading.Thread):

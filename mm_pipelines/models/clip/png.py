@@ -28,19 +28,24 @@ _SAMPLES = {0: 1, 2: 3, 3: 1}
 _STORED_BLOCK = 65535  # the most bytes a stored deflate block holds
 
 
+def wuffs_png_decoder(verify_checksums: bool) -> object:
+    """A Wuffs decoder of PNGs to RGB (pywuffs turns checksums off by default)."""
+    from pywuffs import ImageDecoderQuirks, ImageDecoderType, PixelFormat
+    from pywuffs.aux import ImageDecoder, ImageDecoderConfig
+
+    config = ImageDecoderConfig()
+    config.enabled_decoders = [ImageDecoderType.PNG]
+    config.pixel_format = PixelFormat.RGB
+    config.quirks = {ImageDecoderQuirks.IGNORE_CHECKSUM: int(not verify_checksums)}
+    return ImageDecoder(config)
+
+
 class _Decoders(threading.local):
-    """One Wuffs PNG decoder per thread (a decoder is not thread-safe)."""
+    """One Wuffs decoder per thread (a decoder is not thread-safe); the checksums of the
+    stored copy it decodes are zero: `_scanlines` checked the file's."""
 
     def __init__(self) -> None:
-        from pywuffs import ImageDecoderQuirks, ImageDecoderType, PixelFormat
-        from pywuffs.aux import ImageDecoder, ImageDecoderConfig
-
-        config = ImageDecoderConfig()
-        config.enabled_decoders = [ImageDecoderType.PNG]
-        config.pixel_format = PixelFormat.RGB
-        # the checksums of the stored copy are left zero: `_scanlines` checked the file's
-        config.quirks = {ImageDecoderQuirks.IGNORE_CHECKSUM: 1}
-        self.decoder = ImageDecoder(config)
+        self.decoder = wuffs_png_decoder(verify_checksums=False)
 
 
 _decoders = _Decoders()
