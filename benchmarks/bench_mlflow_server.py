@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,19 +29,14 @@ import psutil
 import requests
 
 from mm_pipelines import settings
+from mm_pipelines_tests.ports import free_port
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_once(env: dict[str, str], settle_s: float) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as root:
-        port = _free_port()
+        port = free_port()
         cmd = [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
         cmd += ["--backend-store-uri", f"sqlite:///{root}/mlflow.db"]
         cmd += ["--default-artifact-root", f"{root}/artifacts"]

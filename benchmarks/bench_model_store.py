@@ -76,17 +76,11 @@ def _child(variant: str) -> dict:
     return {"seconds": round(seconds, 1), "steps": steps, "local_cache_bytes": cache}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _moto() -> tuple[subprocess.Popen, str]:
     """moto in server mode, in its own process (not a thread competing with the graph)."""
-    port = _free_port()
+    from mm_pipelines_tests.ports import free_port
+
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

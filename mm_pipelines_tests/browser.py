@@ -1,4 +1,4 @@
-"""Helpers for tests that start a real server and look at it: a free port, stopping a
+"""Helpers for tests that start a real server and look at it: stopping a
 process group, headless Chromium (screenshots and the DOM its JavaScript built), and `mm
 mlflow` as a user starts it."""
 
@@ -8,7 +8,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,12 +17,6 @@ import requests
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 MM = str(Path(sys.executable).parent / "mm")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop_group(proc: subprocess.Popen) -> None:

@@ -8,7 +8,6 @@ import fcntl
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import torch
 from psycopg.conninfo import make_conninfo
 
 from mm_pipelines_tests import scheduling
+from mm_pipelines_tests.ports import free_port
 
 # One intra-op thread for the torch work the tests do in this process, for the whole
 # session: on 2 cores shared with the step processes and servers the tests start, two
@@ -93,17 +93,11 @@ def module_pg_dsn(pg_server_dsn: str) -> str:
     return new_database(pg_server_dsn)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"

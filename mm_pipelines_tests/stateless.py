@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from mm_pipelines import settings
 from mm_pipelines.pipeline import subjects
 from mm_pipelines.pipeline.sample_data import write_sample_batch
 from mm_pipelines.storage.landing import READY_MARKER
+from mm_pipelines_tests.ports import free_port
 
 BIN = Path(sys.executable).parent
 BATCH = "stateless-0001"
@@ -97,12 +97,6 @@ GRAPH: list[tuple[str, str | None, dict[str, Any] | None]] = [
     ("vector_index", BATCH, None),
     ("online_model", None, None),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sqlalchemy_url(conninfo: str) -> str:

@@ -47,12 +47,12 @@ from mm_pipelines.pipeline.sample_data import write_sample_batch
 from mm_pipelines_tests.browser import (
     CHROMIUM,
     chromium,
-    free_port,
     start_mm_mlflow,
     stop_group,
     wait_healthy,
 )
 from mm_pipelines_tests.models.conftest_diffusion import torch_threads
+from mm_pipelines_tests.ports import free_port
 
 SUBJECT = subjects.DEMO_SUBJECT["name"]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

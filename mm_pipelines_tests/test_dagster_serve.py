@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import dagster as dg
 import mlflow
@@ -12,6 +11,7 @@ import pytest
 from mm_pipelines.defs.resources import MLflowResource
 from mm_pipelines.defs.serve.sensors import serving_sensor
 from mm_pipelines.pipeline import registry
+from mm_pipelines_tests.ports import free_port
 
 NAME = "mm-lora-acme"
 
@@ -73,10 +73,7 @@ def test_the_sensor_exports_each_approved_version_exactly_once(tracking):
 
 
 def test_mlflow_down_is_a_skipped_tick_and_the_cursor_is_kept():
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    down = MLflowResource(tracking_uri=f"http://127.0.0.1:{port}")
+    down = MLflowResource(tracking_uri=f"http://127.0.0.1:{free_port()}")
     result = tick(down, '{"mm-lora-acme/1": 1}')
     assert isinstance(result, dg.SkipReason)
     assert "MLflow registry unreachable" in result.skip_message

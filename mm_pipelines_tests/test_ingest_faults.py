@@ -21,6 +21,7 @@ from mm_pipelines.pipeline.probe import Limits
 from mm_pipelines.storage.landing import LocalLanding, S3Landing
 from mm_pipelines.storage.media_store import LocalMediaStore, sha256_bytes
 from mm_pipelines_tests import bad_media
+from mm_pipelines_tests.ports import free_port
 from mm_pipelines_tests.small_disk import SmallDisk, small_disk_at
 
 
@@ -99,7 +100,7 @@ def test_an_unreachable_s3_store_is_not_the_files_fault(tmp_path, pg_dsn):
 
     from mm_pipelines.storage.media_store import S3MediaStore
 
-    closed = f"http://127.0.0.1:{_closed_port()}"
+    closed = f"http://127.0.0.1:{free_port()}"
     client = boto3.client(
         "s3",
         endpoint_url=closed,
@@ -114,14 +115,6 @@ def test_an_unreachable_s3_store_is_not_the_files_fault(tmp_path, pg_dsn):
         ingest_batch(LocalLanding(tmp_path / "in"), "b1", store, pg_dsn)
     assert failure.value.retriable  # a network blip may pass: Dagster's retry policy applies
     assert rows(pg_dsn, "b1") == []
-
-
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- odd files

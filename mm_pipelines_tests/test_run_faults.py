@@ -8,7 +8,6 @@ like a run worker) on a real sqlite instance shared with the test."""
 import multiprocessing
 import os
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from mm_pipelines.defs.common import GPU_STEP, RETRY, no_retry_on_bad_input, sto
 from mm_pipelines.defs.recovery import dead_run_sensor, recover_dead_runs
 from mm_pipelines.defs.resources import MLflowResource
 from mm_pipelines.pipeline.tracking import RunSpec, Tracker, TrackingUnavailable
+from mm_pipelines_tests.ports import free_port
 
 TRACKING_EXPERIMENT = "faults"
 
@@ -234,15 +234,9 @@ def test_every_retried_asset_stops_on_an_interrupt():
 # --------------------------------------------------------------------------- MLflow down
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(
     "uri",
-    [f"http://127.0.0.1:{_closed_port()}", "http://10.255.255.1:5000"],
+    [f"http://127.0.0.1:{free_port()}", "http://10.255.255.1:5000"],
     ids=["refused", "unroutable"],
 )
 def test_an_unreachable_mlflow_fails_within_seconds_naming_it(uri):

@@ -38,6 +38,7 @@ from mm_pipelines.cli_commands.demo import DEMO_QUERIES as QUERIES
 from mm_pipelines.pipeline import model_store as ms
 from mm_pipelines.pipeline import registry
 from mm_pipelines_tests.conftest import new_database
+from mm_pipelines_tests.ports import free_port
 from mm_pipelines_tests.stateless import (
     BASE_MODEL,
     BATCH,
@@ -50,7 +51,6 @@ from mm_pipelines_tests.stateless import (
     Shared,
     Step,
     StepRunner,
-    free_port,
     materialization,
     shared_services,
     stop_group,

@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import requests
 from mm_pipelines.pipeline.sample_data import write_sample_batch
 from mm_pipelines.storage.landing import MANIFEST, READY_MARKER
 from mm_pipelines.storage.postgres import stop_embedded
+from mm_pipelines_tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -71,12 +71,6 @@ class DagsterDev:
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _server_env(mm_home: Path, dagster_home: Path, models: dict[str, str]) -> dict[str, str]:
@@ -166,7 +160,7 @@ def dagster_dev(demo_clip, base_pipeline_dir) -> Iterator[DagsterDev]:
     # after which the embedded Postgres's own user can no longer reach its data dir to stop it.
     root = Path(tempfile.mkdtemp(prefix="mm-ui-e2e-"))
     mm_home, dagster_home = root / "mm", root / "dagster_home"
-    port = _free_port()
+    port = free_port()
     server = DagsterDev(url=f"http://127.0.0.1:{port}", mm_home=mm_home, log=root / "dev.log")
     mm = Path(sys.executable).parent / "mm"
     with open(server.log, "wb") as log:

@@ -20,14 +20,9 @@ import pytest
 from mm_pipelines.defs.embed.assets import clip_model, unified_embeddings
 from mm_pipelines.defs.resources import build_resources
 from mm_pipelines.pipeline import model_store as ms
+from mm_pipelines_tests.ports import free_port
 
 BATCH = "b1"
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens once the socket is closed
 
 
 @pytest.fixture
@@ -95,7 +90,7 @@ def _materialize(asset: dg.AssetsDefinition, resources: dict, partition: str | N
 def test_a_step_facing_a_closed_s3_port_fails_at_once_naming_the_endpoint(
     s3_deployment: pytest.MonkeyPatch,
 ) -> None:
-    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"
     s3_deployment.setenv("MM_S3_ENDPOINT_URL", endpoint)
     # unified_embeddings reads the projector from the model store before anything else
     result, message, seconds = _materialize(unified_embeddings, build_resources(), BATCH)
@@ -137,7 +132,7 @@ def test_every_s3_client_we_build_gives_up_on_a_silent_endpoint_within_its_timeo
 def test_a_step_facing_an_unreachable_mlflow_fails_within_seconds_naming_the_tracking_uri(
     mm_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.setenv(name, "")  # restored after the test, whatever the step sets

@@ -4,7 +4,6 @@ hostile requests, which need the app's behaviour, not the `mm serve` command lin
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from typing import Any
 import uvicorn
 
 from mm_pipelines.storage.vectors import VectorRow, replace_batch
+from mm_pipelines_tests.ports import free_port
 
 CAPTIONS = ["a red circle on a blue background", "a green square", "a yellow star"]
 
@@ -63,9 +63,7 @@ def manager_for(bundle_dir: Path, store_root: Path, cache: Path) -> Any:
 
 @contextmanager
 def serve(app: Any) -> Iterator[str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = uvicorn.Config(app, port=port, log_level="warning", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
