@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mm_pipelines.models.clip.device_input import pil_pixels
 from mm_pipelines.models.clip.png import PNG_SIGNATURE, decode_png
 
 
@@ -63,10 +64,6 @@ def _scanlines(data: bytes) -> bytes:
     return zlib.decompress(b"".join(body for kind, body in _chunks(data) if kind == b"IDAT"))
 
 
-def _pil_pixels(data: bytes) -> torch.Tensor:
-    return torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
-
-
 def test_every_row_filter_decodes_to_pils_pixels() -> None:
     """PNG rows are filtered five ways (None, Sub, Up, Average, Paeth), chosen by the
     encoder row by row; PNGs from PIL's encoder and from OpenCV's (libpng) with each
@@ -83,7 +80,7 @@ def test_every_row_filter_decodes_to_pils_pixels() -> None:
         filters |= set(np.frombuffer(_scanlines(data), np.uint8)[::row].tolist())
         decoded = decode_png(data)
         assert decoded is not None, name
-        assert torch.equal(decoded, _pil_pixels(data)), name
+        assert torch.equal(decoded, pil_pixels(data)), name
     assert filters == {0, 1, 2, 3, 4}
 
 
@@ -94,7 +91,7 @@ def test_image_data_split_over_many_chunks_decodes_the_same() -> None:
     split = _with_image_data(data, compressed, pieces=7)
     assert sum(kind == b"IDAT" for kind, _ in _chunks(split)) == 7
     decoded = decode_png(split)
-    assert decoded is not None and torch.equal(decoded, _pil_pixels(data))
+    assert decoded is not None and torch.equal(decoded, pil_pixels(data))
 
 
 @pytest.mark.parametrize("change", ["one_byte_more", "one_row_less", "data_after_the_stream"])

@@ -133,11 +133,8 @@ def _stored_png(keep: list[memoryview], pieces: list[bytes]) -> bytes:
     parts: list[bytes | memoryview] = [PNG_SIGNATURE, *keep]
     parts += [zlib_size.to_bytes(4, "big"), b"IDAT", b"\x78\x01"]
     for n, block in enumerate(blocks):
-        size = len(block)
-        final = n == len(blocks) - 1
-        parts += [
-            bytes((final,)) + size.to_bytes(2, "little") + (size ^ 0xFFFF).to_bytes(2, "little")
-        ]
-        parts.append(block)
+        final, size = n == len(blocks) - 1, len(block)
+        lengths = size.to_bytes(2, "little") + (size ^ 0xFFFF).to_bytes(2, "little")
+        parts += [bytes((final,)) + lengths, block]
     parts += [bytes(8), b"\x00\x00\x00\x00IEND", bytes(4)]  # Adler-32, IDAT's CRC; IEND
     return b"".join(parts)
