@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pgserver
 import psycopg
 from bench_index import clustered_vectors, make_rows
 from pgvector.psycopg import register_vector
@@ -46,7 +45,7 @@ from mm_pipelines.pipeline.services import Compute, ModelChoice, Services, folde
 from mm_pipelines.storage import catalog, embeddings, vectors
 from mm_pipelines.storage.catalog import ObjectRow, SourceRow
 from mm_pipelines.storage.media_store import LocalMediaStore
-from mm_pipelines.storage.postgres import ensure_schema
+from mm_pipelines.storage.postgres import embedded_server, ensure_schema
 
 PICTURES = vectors.Filters(
     tenant="acme",
@@ -370,7 +369,7 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="mm-bench-curation-") as tmp:
-        server = pgserver.get_server(f"{tmp}/pg", cleanup_mode="delete")
+        server = embedded_server(f"{tmp}/pg", cleanup_mode="delete")
         dsn = server.get_uri()
         ensure_schema(dsn)
         with psycopg.connect(dsn) as conn:

@@ -14,12 +14,11 @@ import tempfile
 import time
 
 import numpy as np
-import pgserver
 import psycopg
 from pgvector.psycopg import register_vector
 
 from mm_pipelines.storage import vectors
-from mm_pipelines.storage.postgres import ensure_schema
+from mm_pipelines.storage.postgres import embedded_server, ensure_schema
 from mm_pipelines.storage.vectors import Filters, VectorRow
 
 
@@ -114,7 +113,7 @@ def main() -> None:
     rows = make_rows(x, "bench")
 
     with tempfile.TemporaryDirectory(prefix="mm-bench-idx-") as tmp:
-        server = pgserver.get_server(f"{tmp}/pg", cleanup_mode="delete")
+        server = embedded_server(f"{tmp}/pg", cleanup_mode="delete")
         dsn = server.get_uri()
         ensure_schema(dsn)
         with psycopg.connect(dsn) as conn:

@@ -90,11 +90,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args()
 
-    import pgserver
+    from mm_pipelines.storage.postgres import embedded_server
 
     with tempfile.TemporaryDirectory(prefix="mm-bench-") as tmp:
         root = Path(tmp)
-        server = pgserver.get_server(root / "pg", cleanup_mode="delete")
+        server = embedded_server(root / "pg", cleanup_mode="delete")
         dsn = server.get_uri()
         large = root / "landing" / "large"
         large.mkdir(parents=True)

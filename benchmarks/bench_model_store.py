@@ -158,10 +158,10 @@ def main() -> None:
         print(json.dumps(_child(args.child)))
         return
 
-    import pgserver
+    from mm_pipelines.storage.postgres import embedded_server
 
     root = Path(tempfile.mkdtemp(prefix="bench-model-store-"))
-    server = pgserver.get_server(root / "pg", cleanup_mode="delete")
+    server = embedded_server(root / "pg", cleanup_mode="delete")
     try:
         load_before = os.getloadavg()
         folder = _pass("folder", server.get_uri(), root)

@@ -223,12 +223,12 @@ def main() -> None:
         print(json.dumps(run_client(url, path, int(n), int(c), kind, token)))
         return
 
-    import pgserver
     import torch
 
     from mm_pipelines.serving.app import ConnectionPool
     from mm_pipelines.serving.runtime import ServingModels
     from mm_pipelines.serving.store import open_store, publish_bundle
+    from mm_pipelines.storage.postgres import embedded_server
 
     torch.set_num_threads(1)  # as the server runs: one intra-op thread per request
     workers = max(1, os.cpu_count() or 1)
@@ -236,7 +236,7 @@ def main() -> None:
         root = Path(tmp)
         bundle = make_bundle(root, args.arch)
         publish_bundle(open_store(root / "store"), bundle)
-        pg = pgserver.get_server(root / "pg", cleanup_mode="delete")
+        pg = embedded_server(root / "pg", cleanup_mode="delete")
         dsn = pg.get_uri()
         models = ServingModels.load(bundle, audio=False, diffusion=False)
         fill_catalog(dsn, models, args.rows)

@@ -65,10 +65,10 @@ def outside_pytests_tmp(prefix: str) -> Path:
 
 @pytest.fixture(scope="session")
 def pg_server_dsn() -> Iterator[str]:
-    import pgserver
+    from mm_pipelines.storage.postgres import embedded_server
 
     root = outside_pytests_tmp("mm-test-pg-")
-    server = pgserver.get_server(root / "data", cleanup_mode="delete")
+    server = embedded_server(root / "data", cleanup_mode="delete")
     yield server.get_uri()
     server.cleanup()
     shutil.rmtree(root, ignore_errors=True)

@@ -43,7 +43,7 @@ from mm_pipelines.defs.resources import (
     LandingResource,
     MediaStoreResource,
 )
-from mm_pipelines.storage.postgres import ensure_schema
+from mm_pipelines.storage.postgres import embedded_server, ensure_schema
 from mm_pipelines.storage.vectors import COLUMNS
 from mm_pipelines_tests import bad_media
 from mm_pipelines_tests.conftest import new_database, outside_pytests_tmp
@@ -79,9 +79,7 @@ class KillablePostgres:
     """An embedded Postgres of its own (killing the session's would take other tests down)."""
 
     def __init__(self, root: Path):
-        import pgserver
-
-        self.server = pgserver.get_server(root, cleanup_mode="delete")
+        self.server = embedded_server(root, cleanup_mode="delete")
         self.dsn = self.server.get_uri()
 
     def database(self) -> str:
@@ -98,8 +96,8 @@ class KillablePostgres:
         psutil.wait_procs(procs, timeout=30)
 
     def restart(self) -> None:
-        """What a supervisor does: start it again (crash recovery replays the WAL). pgserver
-        gives `pg_ctl start` 10 s; on a loaded machine recovery can take longer, and the
+        """What a supervisor does: start it again (crash recovery replays the WAL). The
+        wheel gives `pg_ctl start` 10 s; on a loaded machine recovery can take longer, and the
         server keeps starting: ask again until it is ready."""
         deadline = time.monotonic() + 180
         while True:

